@@ -1,0 +1,61 @@
+# finetune-operator — `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SAMPLE ?= manifests/samples/finetune_v1alpha1_finetunejob_lora.yaml
+IMG_OPERATOR ?= finetune-operator:dev
+IMG_WORKER ?= finetune-worker:dev
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+##@ General
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z0-9_-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Development
+dev: $(VENV)/.installed ## Create .venv: CPU torch 2.13.0 first, then the project with [worker,dev]
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first, so no dependency pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[worker,dev]'
+	touch $@
+
+demo: dev ## Run the LoRA sample end to end on this machine, no cluster (the embedded default)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/finetune-operator local $(SAMPLE) --workdir runs/demo
+
+test: dev ## Run every test tier (the e2e tier skips without Docker and kind)
+	bash scripts/pytest.sh $(PYTEST_ARGS)
+
+test-quick: dev ## Unit tests only (seconds)
+	bash scripts/pytest.sh tests/unit
+
+lint: dev ## ruff, mypy (strict on the control plane), import-linter layering
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/mypy operator/finetune_operator
+	$(VENV)/bin/lint-imports
+
+bench: dev ## Benchmarks: ratios against baselines measured in the same run
+	for b in bench/bench_*.py; do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
+
+##@ Build and deploy
+images: ## Build the operator and worker images (needs Docker)
+	docker build -t $(IMG_OPERATOR) -f images/operator/Dockerfile .
+	docker build -t $(IMG_WORKER) -f images/worker/Dockerfile .
+
+install.yaml: ## Render dist/install.yaml (CRD, RBAC, operator) with kustomize
+	bash scripts/render-install.sh
+
+deploy: install.yaml ## kubectl apply dist/install.yaml
+	kubectl apply --server-side -f dist/install.yaml
+
+undeploy: ## Remove the operator (FineTuneJobs and their PVCs with reclaimPolicy Retain stay)
+	kubectl delete --ignore-not-found -f dist/install.yaml
+
+e2e-kind: ## The kind e2e (needs Docker and kind; says why and skips where missing)
+	bash tests/e2e/run-kind.sh
+
+.PHONY: help dev demo test test-quick lint bench images install.yaml deploy undeploy e2e-kind

@@ -1,0 +1,603 @@
+"""FineTuneJob spec: parsing, defaults and validation. Pure (no I/O, no kopf, no torch).
+
+One parser serves every reader of a spec: the operator (an invalid object the CRD schema could
+not refuse becomes a Failed condition naming the field), the worker (`--config` is validated
+before any heavy work and an error exits 2), and the local runner. Every error names the field
+by its path in the object (`spec.training.learningRate`), so a user knows what to fix.
+
+Checks that need the model or the data (a Matryoshka dimension above the embedding size, a
+missing column, a CoSENT score column that is not float) live in the worker, which has both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .contract import API_VERSION, EXPORT_FORMATS, KIND
+
+LOSSES = (
+    "MultipleNegativesRankingLoss",
+    "CachedMultipleNegativesRankingLoss",
+    "CoSENTLoss",
+    "MatryoshkaLoss",
+    "DenoisingAutoEncoderLoss",
+)
+# Losses MatryoshkaLoss may wrap.
+INNER_LOSSES = ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "CoSENTLoss")
+# Model-side columns each loss reads; the first tuple is required, the second optional.
+LOSS_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "MultipleNegativesRankingLoss": (("anchor", "positive"), ("negative",)),
+    "CachedMultipleNegativesRankingLoss": (("anchor", "positive"), ("negative",)),
+    "CoSENTLoss": (("anchor", "positive", "score"), ()),
+    "DenoisingAutoEncoderLoss": (("text",), ()),
+}
+PRECISIONS = ("fp32", "fp16", "bf16")
+POOLINGS = ("mean", "cls", "max", "lasttoken")
+RECLAIM_POLICIES = ("Retain", "Delete")
+EVAL_METRICS = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "recall@10", "spearman", "pearson")
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("all-MiniLM-L6-v2",)
+
+MAX_INLINE_RECORDS = 10_000  # inline data lives in etcd; larger sets belong in a file
+MAX_NAME_LEN = 63
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class SpecError(ValueError):
+    """An invalid spec. `field` is the path of the offending field, e.g. `spec.training.epochs`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    base: str | None = "builtin:all-MiniLM-L6-v2"
+    from_job: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    fraction: float | None = None
+    path: str | None = None
+    inline: tuple[dict[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    path: str | None = None
+    hub: str | None = None
+    inline: tuple[dict[str, Any], ...] | None = None
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)  # model-side name -> file-side name
+    eval: EvalSpec | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every_steps: int = 100
+    keep: int = 3
+    on_preemption: bool = True
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    loss: str = "MultipleNegativesRankingLoss"
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 32
+    learning_rate: float = 2.0e-5
+    warmup_ratio: float = 0.1
+    seed: int = 42
+    precision: str = "fp32"
+    max_seq_length: int | None = None
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+
+    @property
+    def inner_loss(self) -> str:
+        """The loss that reads the columns (MatryoshkaLoss wraps another)."""
+        if self.loss == "MatryoshkaLoss":
+            return str(self.loss_params.get("innerLoss", "MultipleNegativesRankingLoss"))
+        return self.loss
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] | None = None
+    use_rslora: bool = False
+
+
+@dataclass(frozen=True)
+class EvaluateSpec:
+    metric: str = "ndcg@10"
+    min: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    merge: bool = True
+    formats: tuple[str, ...] = ("sentence-transformers",)
+    pooling: str | None = None
+    normalize: bool = True
+    max_shard_size: str = "5GB"
+    tolerance: float = 1.0e-5
+    evaluate: EvaluateSpec | None = None
+    checkpoint: str | None = None  # export a named checkpoint instead of the final result
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size, "spec.export.maxShardSize")
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    gpus: int = 1
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str = "4"
+    memory: str = "16Gi"
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    claim_name: str | None = None
+    size: str = "20Gi"
+    storage_class_name: str | None = None
+    reclaim_policy: str = "Retain"
+
+
+@dataclass(frozen=True)
+class FineTuneSpec:
+    model: ModelSpec
+    dataset: DatasetSpec
+    training: TrainingSpec
+    lora: LoraSpec | None
+    export: ExportSpec
+    resources: ResourcesSpec
+    image: str | None
+    node_selector: dict[str, str]
+    tolerations: tuple[dict[str, Any], ...]
+    priority_class_name: str | None
+    queue_name: str | None
+    storage: StorageSpec
+    backoff_limit: int
+    suspend: bool
+    ttl_seconds_after_finished: int | None
+    raw: dict[str, Any]  # the spec as given, for handing to worker pods unchanged
+
+
+# --------------------------------------------------------------------------- readers
+
+
+class _Obj:
+    """A dict being read at a path; rejects unknown keys so typos never pass silently."""
+
+    def __init__(self, value: Any, path: str) -> None:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise SpecError(path, f"must be an object, got {_kind(value)}")
+        self.value = value
+        self.path = path
+        self.seen: set[str] = set()
+
+    def get(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.value.get(key)
+
+    def sub(self, key: str) -> _Obj:
+        return _Obj(self.get(key), f"{self.path}.{key}")
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def done(self) -> None:
+        unknown = sorted(str(k) for k in self.value if k not in self.seen)
+        if unknown:
+            raise SpecError(self.at(unknown[0]), f"unknown field (known: {', '.join(sorted(self.seen))})")
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise SpecError(self.at(key), f"must be true or false, got {_kind(v)}")
+        return v
+
+    def int(self, key: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
+        v = self.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise SpecError(self.at(key), f"must be an integer, got {_kind(v)}")
+        _bounds(self.at(key), v, lo, hi)
+        return v
+
+    def float(self, key: str, default: float | None, lo: float | None = None, hi: float | None = None,
+              lo_open: bool = False) -> float | None:
+        v = self.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SpecError(self.at(key), f"must be a number, got {_kind(v)}")
+        v = float(v)
+        if not math.isfinite(v):
+            raise SpecError(self.at(key), "must be a finite number")
+        if lo_open and lo is not None and v <= lo:
+            raise SpecError(self.at(key), f"must be greater than {lo:g}, got {v:g}")
+        _bounds(self.at(key), v, None if lo_open else lo, hi)
+        return v
+
+    def str(self, key: str, default: str | None, choices: tuple[str, ...] | None = None,
+            max_len: int = 253) -> str | None:
+        v = self.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            raise SpecError(self.at(key), f"must be a string, got {_kind(v)}")
+        if not v.strip():
+            raise SpecError(self.at(key), "must not be empty")
+        if len(v) > max_len:
+            raise SpecError(self.at(key), f"must be at most {max_len} characters")
+        if "\x00" in v:
+            raise SpecError(self.at(key), "must not contain NUL characters")
+        if choices is not None and v not in choices:
+            raise SpecError(self.at(key), f"unknown value {v!r}; expected one of: {', '.join(choices)}")
+        return v
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(v), "null" if v is None else type(v).__name__)
+
+
+def _bounds(path: str, v: float, lo: float | None, hi: float | None) -> None:
+    if lo is not None and v < lo:
+        raise SpecError(path, f"must be at least {lo:g}, got {v:g}")
+    if hi is not None and v > hi:
+        raise SpecError(path, f"must be at most {hi:g}, got {v:g}")
+
+
+def parse_size(text: str, path: str) -> int:
+    """'5GB' / '500MB' / '2GiB' / '1000' (bytes) -> bytes."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise SpecError(path, f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
+    if n < 1:
+        raise SpecError(path, "must be at least 1 byte")
+    return n
+
+
+def check_relative_path(path: str, where: str) -> str:
+    """A path inside the workspace: relative, no `..` segment, no NUL. Absolute paths pass
+    (they name files in the image, e.g. a bundled model), but never with `..` in them."""
+    parts = path.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise SpecError(where, f"path must not contain '..' (got {path!r}); paths are relative to the workspace")
+    if path.startswith("~"):
+        raise SpecError(where, f"path must not start with '~' (got {path!r})")
+    return path
+
+
+def _records(v: Any, path: str) -> tuple[dict[str, Any], ...]:
+    if not isinstance(v, list):
+        raise SpecError(path, f"must be a list of records, got {_kind(v)}")
+    if not v:
+        raise SpecError(path, "must hold at least one record")
+    if len(v) > MAX_INLINE_RECORDS:
+        raise SpecError(path, f"holds {len(v)} records; inline data is capped at {MAX_INLINE_RECORDS} "
+                              "(put larger sets in a file on the workspace)")
+    for i, r in enumerate(v):
+        if not isinstance(r, dict) or not r:
+            raise SpecError(f"{path}[{i}]", f"must be a non-empty object, got {_kind(r)}")
+    return tuple(v)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _model(o: _Obj) -> ModelSpec:
+    base = o.str("base", None, max_len=1024)
+    from_job = o.str("fromJob", None)
+    if base is not None and from_job is not None:
+        raise SpecError(o.at("fromJob"), "set either model.base or model.fromJob, not both")
+    if base is None and from_job is None:
+        base = ModelSpec.base
+    if from_job is not None and (len(from_job) > MAX_NAME_LEN or not _DNS_LABEL.match(from_job)):
+        raise SpecError(o.at("fromJob"), f"not a FineTuneJob name: {from_job!r}")
+    if base is not None:
+        if base.startswith(BUILTIN_PREFIX):
+            if base[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+                raise SpecError(o.at("base"), f"unknown builtin model {base!r}; bundled: "
+                                + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        else:
+            check_relative_path(base, o.at("base"))
+    m = ModelSpec(base=base, from_job=from_job, revision=o.str("revision", None),
+                  trust_remote_code=o.bool("trustRemoteCode", False))
+    o.done()
+    return m
+
+
+def _eval(o: _Obj) -> EvalSpec | None:
+    if not o.value:
+        return None
+    fraction = o.float("fraction", None, lo=0.0, hi=0.9, lo_open=True)
+    path = o.str("path", None, max_len=1024)
+    inline_raw = o.get("inline")
+    inline = None if inline_raw is None else _records(inline_raw, o.at("inline"))
+    given = [k for k, v in (("fraction", fraction), ("path", path), ("inline", inline)) if v is not None]
+    if len(given) > 1:
+        raise SpecError(o.path, f"set exactly one of fraction, path, inline (got {', '.join(given)})")
+    if path is not None:
+        check_relative_path(path, o.at("path"))
+    o.done()
+    return EvalSpec(fraction=fraction, path=path, inline=inline) if given else None
+
+
+def _dataset(o: _Obj) -> DatasetSpec:
+    path = o.str("path", None, max_len=1024)
+    hub = o.str("hub", None)
+    inline_raw = o.get("inline")
+    inline = None if inline_raw is None else _records(inline_raw, o.at("inline"))
+    given = [k for k, v in (("path", path), ("hub", hub), ("inline", inline)) if v is not None]
+    if len(given) != 1:
+        raise SpecError(o.path, "set exactly one of path, hub, inline"
+                        + (f" (got {', '.join(given)})" if given else ""))
+    if path is not None:
+        check_relative_path(path, o.at("path"))
+    if hub is not None and not _HUB_ID.match(hub):
+        raise SpecError(o.at("hub"), f"not a hub dataset id: {hub!r}")
+    cols_raw = o.get("columns") or {}
+    if not isinstance(cols_raw, dict):
+        raise SpecError(o.at("columns"), f"must be an object mapping model-side to file-side names, got {_kind(cols_raw)}")
+    known = {c for req, opt in LOSS_COLUMNS.values() for c in (*req, *opt)}
+    for k, v in cols_raw.items():
+        if k not in known:
+            raise SpecError(f"{o.at('columns')}.{k}", f"unknown model-side column; expected one of: {', '.join(sorted(known))}")
+        if not isinstance(v, str) or not v:
+            raise SpecError(f"{o.at('columns')}.{k}", "must be a non-empty column name")
+    d = DatasetSpec(path=path, hub=hub, inline=inline, split=o.str("split", "train") or "train",
+                    columns=dict(cols_raw), eval=_eval(o.sub("eval")))
+    o.done()
+    return d
+
+
+def _checkpoint(o: _Obj) -> CheckpointSpec:
+    c = CheckpointSpec(every_steps=o.int("everySteps", 100, lo=1) or 100,
+                       keep=o.int("keep", 3, lo=1, hi=1000) or 3,
+                       on_preemption=o.bool("onPreemption", True))
+    o.done()
+    return c
+
+
+def _loss_params(loss: str, v: Any, path: str) -> dict[str, Any]:
+    if v is None:
+        v = {}
+    if not isinstance(v, dict):
+        raise SpecError(path, f"must be an object, got {_kind(v)}")
+    allowed = {
+        "MatryoshkaLoss": {"matryoshkaDims", "matryoshkaWeights", "innerLoss", "miniBatchSize"},
+        "CachedMultipleNegativesRankingLoss": {"miniBatchSize", "scale"},
+        "MultipleNegativesRankingLoss": {"scale"},
+        "CoSENTLoss": {"scale"},
+        "DenoisingAutoEncoderLoss": {"tieEncoderDecoder", "noiseDeleteRatio"},
+    }[loss]
+    for k in v:
+        if k not in allowed:
+            raise SpecError(f"{path}.{k}", f"not a parameter of {loss} (allowed: {', '.join(sorted(allowed))})")
+    if loss == "MatryoshkaLoss":
+        dims = v.get("matryoshkaDims")
+        if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            raise SpecError(f"{path}.matryoshkaDims", "MatryoshkaLoss needs a non-empty list of positive integers")
+        if len(set(dims)) != len(dims):
+            raise SpecError(f"{path}.matryoshkaDims", "dimensions must be distinct")
+        w = v.get("matryoshkaWeights")
+        if w is not None and (not isinstance(w, list) or len(w) != len(dims)
+                              or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in w)):
+            raise SpecError(f"{path}.matryoshkaWeights", "must be a list of positive numbers, one per dimension")
+        inner = v.get("innerLoss", "MultipleNegativesRankingLoss")
+        if inner not in INNER_LOSSES:
+            raise SpecError(f"{path}.innerLoss", f"unknown inner loss {inner!r}; expected one of: {', '.join(INNER_LOSSES)}")
+    mbs = v.get("miniBatchSize")
+    if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
+        raise SpecError(f"{path}.miniBatchSize", "must be a positive integer")
+    scale = v.get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+        raise SpecError(f"{path}.scale", "must be a positive number")
+    return dict(v)
+
+
+def _training(o: _Obj) -> TrainingSpec:
+    loss = o.str("loss", "MultipleNegativesRankingLoss", choices=LOSSES) or "MultipleNegativesRankingLoss"
+    t = TrainingSpec(
+        loss=loss,
+        loss_params=_loss_params(loss, o.get("lossParams"), o.at("lossParams")),
+        epochs=o.int("epochs", 1, lo=1, hi=10_000) or 1,
+        max_steps=o.int("maxSteps", None, lo=1, hi=10**9),
+        batch_size=o.int("batchSize", 32, lo=1, hi=65_536) or 32,
+        learning_rate=o.float("learningRate", 2.0e-5, lo=0.0, hi=1.0, lo_open=True) or 2.0e-5,
+        warmup_ratio=o.float("warmupRatio", 0.1, lo=0.0, hi=1.0) or 0.0,
+        seed=o.int("seed", 42, lo=0, hi=2**32 - 1) or 0,
+        precision=o.str("precision", "fp32", choices=PRECISIONS) or "fp32",
+        max_seq_length=o.int("maxSeqLength", None, lo=1, hi=131_072),
+        checkpoint=_checkpoint(o.sub("checkpoint")),
+    )
+    o.done()
+    return t
+
+
+def _lora(v: Any, path: str) -> LoraSpec | None:
+    if v is None:
+        return None
+    o = _Obj(v, path)
+    tm = o.get("targetModules")
+    if tm is not None and (not isinstance(tm, list) or not tm or not all(isinstance(x, str) and x for x in tm)):
+        raise SpecError(o.at("targetModules"), "must be a non-empty list of module names")
+    lo = LoraSpec(r=o.int("r", 8, lo=1, hi=4096) or 8,
+                  alpha=o.int("alpha", 16, lo=1, hi=1_000_000) or 16,
+                  dropout=o.float("dropout", 0.1, lo=0.0, hi=0.99) or 0.0,
+                  target_modules=tuple(tm) if tm else None,
+                  use_rslora=o.bool("useRslora", False))
+    o.done()
+    return lo
+
+
+def _export(o: _Obj) -> ExportSpec:
+    fmts = o.get("formats")
+    if fmts is None:
+        fmts = ["sentence-transformers"]
+    if not isinstance(fmts, list) or not fmts:
+        raise SpecError(o.at("formats"), f"must be a non-empty list of: {', '.join(EXPORT_FORMATS)}")
+    for i, f in enumerate(fmts):
+        if f not in EXPORT_FORMATS:
+            raise SpecError(f"{o.at('formats')}[{i}]", f"unknown format {f!r}; expected one of: {', '.join(EXPORT_FORMATS)}")
+    if len(set(fmts)) != len(fmts):
+        raise SpecError(o.at("formats"), "formats must be distinct")
+    verify = o.sub("verify")
+    tol = verify.float("tolerance", 1.0e-5, lo=0.0, hi=1.0, lo_open=True) or 1.0e-5
+    verify.done()
+    ev = o.get("evaluate")
+    evaluate = None
+    if ev is not None:
+        eo = _Obj(ev, o.at("evaluate"))
+        evaluate = EvaluateSpec(metric=eo.str("metric", "ndcg@10", choices=EVAL_METRICS) or "ndcg@10",
+                                min=eo.float("min", 0.0, lo=-1.0, hi=1.0) or 0.0)
+        eo.done()
+    size = o.str("maxShardSize", "5GB") or "5GB"
+    parse_size(size, o.at("maxShardSize"))
+    e = ExportSpec(merge=o.bool("merge", True), formats=tuple(fmts),
+                   pooling=o.str("pooling", None, choices=POOLINGS), normalize=o.bool("normalize", True),
+                   max_shard_size=size, tolerance=tol, evaluate=evaluate,
+                   checkpoint=o.str("checkpoint", None))
+    if e.checkpoint is not None and (e.checkpoint != "final" and not re.fullmatch(r"checkpoint-[0-9]+", e.checkpoint)):
+        raise SpecError(o.at("checkpoint"), f"must be 'final' or a checkpoint name like checkpoint-100, got {e.checkpoint!r}")
+    o.done()
+    return e
+
+
+def _quantity(o: _Obj, key: str, default: str) -> str:
+    v = o.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or not _QUANTITY.match(str(v)):
+        raise SpecError(o.at(key), f"not a Kubernetes quantity: {v!r} (e.g. 4, 500m, 16Gi)")
+    return str(v)
+
+
+def _resources(o: _Obj) -> ResourcesSpec:
+    r = ResourcesSpec(gpus=o.int("gpus", 1, lo=0, hi=64) or 0,
+                      gpu_resource=o.str("gpuResource", "nvidia.com/gpu") or "nvidia.com/gpu",
+                      cpu=_quantity(o, "cpu", "4"), memory=_quantity(o, "memory", "16Gi"))
+    o.done()
+    return r
+
+
+def _storage(o: _Obj) -> StorageSpec:
+    claim = o.str("claimName", None)
+    if claim is not None and not _DNS_LABEL.match(claim):
+        raise SpecError(o.at("claimName"), f"not a PersistentVolumeClaim name: {claim!r}")
+    s = StorageSpec(claim_name=claim, size=_quantity(o, "size", "20Gi"),
+                    storage_class_name=o.str("storageClassName", None),
+                    reclaim_policy=o.str("reclaimPolicy", "Retain", choices=RECLAIM_POLICIES) or "Retain")
+    o.done()
+    return s
+
+
+def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
+    """Validate a FineTuneJob `spec` and fill defaults. Raises SpecError naming the field."""
+    o = _Obj(spec, path)
+    training = _training(o.sub("training"))
+    lora_path = o.at("lora")
+    tolerations = o.get("tolerations") or []
+    if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
+        raise SpecError(o.at("tolerations"), "must be a list of toleration objects")
+    node_selector = o.get("nodeSelector") or {}
+    if not isinstance(node_selector, dict) or not all(isinstance(v, str) for v in node_selector.values()):
+        raise SpecError(o.at("nodeSelector"), "must map label names to string values")
+    queue = o.str("queueName", None)
+    if queue is not None and not _DNS_LABEL.match(queue):
+        raise SpecError(o.at("queueName"), f"not a LocalQueue name: {queue!r}")
+    s = FineTuneSpec(
+        model=_model(o.sub("model")),
+        dataset=_dataset(o.sub("dataset")),
+        training=training,
+        lora=_lora(o.get("lora"), lora_path),
+        export=_export(o.sub("export")),
+        resources=_resources(o.sub("resources")),
+        image=o.str("image", None, max_len=1024),
+        node_selector=dict(node_selector),
+        tolerations=tuple(tolerations),
+        priority_class_name=o.str("priorityClassName", None),
+        queue_name=queue,
+        storage=_storage(o.sub("storage")),
+        backoff_limit=o.int("backoffLimit", 3, lo=0, hi=100) or 0,
+        suspend=o.bool("suspend", False),
+        ttl_seconds_after_finished=o.int("ttlSecondsAfterFinished", None, lo=0),
+        raw=dict(o.value),
+    )
+    o.done()
+    _cross_checks(s, path)
+    return s
+
+
+def _cross_checks(s: FineTuneSpec, path: str) -> None:
+    inner = s.training.inner_loss
+    required, optional = LOSS_COLUMNS[inner]
+    for k in s.dataset.columns:
+        if k not in (*required, *optional):
+            raise SpecError(f"{path}.dataset.columns.{k}",
+                            f"{inner} does not read a {k!r} column (reads: {', '.join((*required, *optional))})")
+    if s.training.loss == "DenoisingAutoEncoderLoss" and s.lora is not None:
+        raise SpecError(f"{path}.lora", "DenoisingAutoEncoderLoss trains a decoder tied to the encoder; use a full fine-tune (omit lora)")
+    if "adapter" in s.export.formats and s.lora is None:
+        raise SpecError(f"{path}.export.formats", "the 'adapter' format needs a LoRA fine-tune (spec.lora)")
+    if s.training.precision == "fp16" and s.resources.gpus == 0:
+        raise SpecError(f"{path}.training.precision", "fp16 training needs a GPU (resources.gpus >= 1); use fp32 or bf16 on CPU")
+
+
+def load_config(text: str) -> tuple[dict[str, Any], FineTuneSpec]:
+    """Parse a config file's text: a whole FineTuneJob or just its spec, YAML or JSON.
+
+    Returns (metadata, spec). metadata is {} when the text held only a spec.
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise SpecError("config", f"neither YAML nor JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise SpecError("config", f"must be a FineTuneJob or its spec (an object), got {_kind(doc)}")
+    if "kind" in doc or "apiVersion" in doc or "spec" in doc:
+        if doc.get("kind", KIND) != KIND:
+            raise SpecError("kind", f"expected {KIND}, got {doc.get('kind')!r}")
+        if doc.get("apiVersion", API_VERSION) != API_VERSION:
+            raise SpecError("apiVersion", f"expected {API_VERSION}, got {doc.get('apiVersion')!r}")
+        meta = doc.get("metadata") or {}
+        if not isinstance(meta, dict):
+            raise SpecError("metadata", "must be an object")
+        return meta, parse_spec(doc.get("spec"), "spec")
+    return {}, parse_spec(doc, "spec")

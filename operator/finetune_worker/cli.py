@@ -1,0 +1,67 @@
+"""`finetune-worker train|export --config FILE --workspace DIR` (the contract in DESIGN.md).
+
+The config is a FineTuneJob (YAML or JSON), whole or just its spec; `--config -` or the
+FINETUNE_CONFIG environment variable may carry it instead of a file. Config errors exit 2
+before any heavy import, so a bad spec fails in a second, not after torch loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from finetune_operator.contract import CONFIG_ENV, DEFAULT_WORKSPACE, EXIT_INVALID
+from finetune_operator.spec import FineTuneSpec, SpecError, load_config
+
+from .summary import write_summary
+
+
+def _read_config(arg: str | None) -> str:
+    if arg in (None, "") and os.environ.get(CONFIG_ENV):
+        return os.environ[CONFIG_ENV]
+    if arg in (None, ""):
+        raise SpecError("--config", f"no config: pass --config FILE or set {CONFIG_ENV}")
+    if arg == "-":
+        return sys.stdin.read()
+    try:
+        return Path(arg).read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError("--config", f"cannot read {arg}: {e.strerror or e}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune-worker", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "train (or resume) from the config"), ("export", "merge and export the result")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", default=None, help=f"FineTuneJob YAML/JSON file, '-' for stdin (default: ${CONFIG_ENV})")
+        s.add_argument("--workspace", default=DEFAULT_WORKSPACE, help="the PVC mount (default: %(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    workspace = Path(args.workspace)
+    try:
+        metadata, spec = load_config(_read_config(args.config))
+    except SpecError as e:
+        print(f"finetune-worker: invalid config: {e}", file=sys.stderr, flush=True)
+        write_summary({"result": "invalid", "message": str(e)})
+        return EXIT_INVALID
+    return _run(args.command, spec, metadata, workspace)
+
+
+def _run(command: str, spec: FineTuneSpec, metadata: dict[str, object], workspace: Path) -> int:
+    if command == "train":
+        from .train import run_train
+
+        return run_train(spec, workspace, metadata=metadata)
+    from .export import run_export
+
+    return run_export(spec, workspace, metadata=metadata)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

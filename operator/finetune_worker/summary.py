@@ -1,0 +1,41 @@
+"""The termination summary (<4 KiB JSON in /dev/termination-log) and JSON progress lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from finetune_operator.contract import PROGRESS_KEY, TERMINATION_LOG, TERMINATION_SUMMARY_MAX_BYTES
+
+TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"  # tests and the local executor point this elsewhere
+
+
+def termination_log_path() -> str:
+    return os.environ.get(TERMINATION_LOG_ENV, TERMINATION_LOG)
+
+
+def write_summary(summary: dict[str, Any]) -> None:
+    """Write the summary where the kubelet reads it; silently skip when the file can't exist."""
+    path = termination_log_path()
+    if path != os.environ.get(TERMINATION_LOG_ENV) and not os.path.exists(path):
+        return
+    data = json.dumps(summary, separators=(",", ":"), default=str)
+    if len(data.encode()) > TERMINATION_SUMMARY_MAX_BYTES:
+        msg = str(summary.get("message", ""))
+        summary = {**summary, "message": msg[: max(0, len(msg) - (len(data.encode()) - TERMINATION_SUMMARY_MAX_BYTES) - 16)] + "…"}
+        data = json.dumps(summary, separators=(",", ":"), default=str)[:TERMINATION_SUMMARY_MAX_BYTES]
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(data)
+    except OSError:
+        pass
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON line on stdout, e.g. emit("progress", step=3, totalSteps=10, loss=0.5)."""
+    line = {PROGRESS_KEY: event, "time": round(time.time(), 3), **fields}
+    sys.stdout.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
