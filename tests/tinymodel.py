@@ -58,7 +58,10 @@ def build_tiny_bert(out_dir: str | Path, *, hidden: int = 32, layers: int = 2, s
     wp.train_from_iterator(corpus(), vocab_size=300, min_frequency=1,
                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     wp.save_model(str(tok_dir))
-    tokenizer = BertTokenizerFast(vocab_file=str(tok_dir / "vocab.txt"), do_lower_case=True)
+    # from_pretrained, not BertTokenizerFast(vocab_file=...): transformers 5 renamed that argument to
+    # `vocab` and silently drops `vocab_file`, leaving a 5-token vocabulary that maps every word to [UNK].
+    tokenizer = BertTokenizerFast.from_pretrained(str(tok_dir), do_lower_case=True)
+    assert tokenizer.vocab_size > 100, f"tokenizer vocabulary too small: {tokenizer.vocab_size}"
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=hidden * 2, max_position_embeddings=64)
