@@ -1,0 +1,456 @@
+"""Run Pod manifests as local processes: the embedded local runner and the test kubelet share this.
+
+One executor, two users (DESIGN.md): `finetune-operator local` drives the real `reconcile` with it,
+and the tier-3 test kubelet starts the pods the operator creates in the emulated API with it.
+
+What a pod becomes here:
+  - `spec.containers[0]` `command + args` run as one local process in its own session (process
+    group); `command[0]` is looked up in `bin_dir` (default: the directory of `sys.executable`, i.e.
+    the venv's console scripts), then on PATH.
+  - env: the host environment, overlaid with the container's `env` (`value`, and `valueFrom.fieldRef`
+    for metadata.name/namespace/uid); `FINETUNE_TERMINATION_LOG` points at `pods/<name>/termination-log`.
+  - volumes: `persistentVolumeClaim` -> `root/pvcs/<claimName>/` (created, kept across pods, which is
+    what makes resume-from-checkpoint work); `emptyDir` and any other kind -> a fresh directory under
+    `pods/<name>/volumes/`. Every arg, env value and workingDir equal to or under a `mountPath`
+    (also as the value of `--flag=PATH`) is rewritten to the local directory (`subPath` honoured).
+  - stdout+stderr -> `pods/<name>/log`; status is a Kubernetes PodStatus dict.
+  - `resources.limits.memory` is enforced like the kernel's cgroup OOM killer: a pod whose process
+    tree's RSS goes over the limit is SIGKILLed and reported as `OOMKilled`, exit code 137.
+  - delete = SIGTERM to the main process, wait up to the grace period, then SIGKILL the whole group,
+    as a container runtime does.
+
+Pure Python and POSIX only: no kopf, no torch, no API client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import shutil
+import signal as _signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"  # read by finetune_worker.summary
+TERMINATION_MESSAGE_MAX_BYTES = 4096  # what the kubelet keeps of /dev/termination-log
+FALLBACK_LOG_LINES = 80  # FallbackToLogsOnError: the last 80 lines ...
+FALLBACK_LOG_BYTES = 2048  # ... or 2 KiB, whichever is smaller (kubelet's limits)
+EXIT_START_ERROR = 128  # what a runtime reports when the executable cannot be started
+MEMORY_POLL_SECONDS = 0.2
+
+_QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+_SUFFIXES = {
+    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def parse_memory_quantity(value: str | int | float) -> int:
+    """Bytes of a Kubernetes memory quantity such as `16Gi`, `512M`, `1e9` or `1048576`.
+
+    Raises:
+        ValueError: the string is not a memory quantity.
+    """
+    text = str(value).strip()
+    try:
+        return int(float(text))  # plain numbers, including 1e9
+    except ValueError:
+        pass
+    m = _QUANTITY.match(text)
+    if not m or m.group(2) not in _SUFFIXES:
+        raise ValueError(f"not a memory quantity: {value!r}")
+    return int(float(m.group(1)) * _SUFFIXES[m.group(2)])
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _Pod:
+    name: str
+    dir: Path
+    container: str
+    started_at: str
+    proc: subprocess.Popen[bytes] | None = None
+    exit_code: int | None = None
+    finished_at: str | None = None
+    reason: str | None = None  # forced reason (OOMKilled, StartError)
+    start_error: str | None = None
+    memory_limit: int | None = None
+    fallback_to_logs: bool = True
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class LocalPodExecutor:
+    """Runs Pod manifests (dicts) as local processes under `root` (see the module docstring).
+
+    Args:
+        root: holds `pvcs/<claimName>/` and `pods/<name>/`.
+        bin_dir: where `command[0]` is looked up first (default: the directory of `sys.executable`).
+        on_exit: called with the pod name from a background thread when a pod's process ends.
+        enforce_memory_limits: SIGKILL pods over `resources.limits.memory` and report OOMKilled.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        bin_dir: Path | None = None,
+        on_exit: Callable[[str], None] | None = None,
+        enforce_memory_limits: bool = True,
+    ) -> None:
+        self.root = Path(root)
+        self.bin_dir = Path(bin_dir) if bin_dir is not None else Path(sys.executable).parent
+        self._on_exit = on_exit
+        self._enforce_memory = enforce_memory_limits
+        self._pods: dict[str, _Pod] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._monitor: threading.Thread | None = None
+        (self.root / "pvcs").mkdir(parents=True, exist_ok=True)
+        (self.root / "pods").mkdir(parents=True, exist_ok=True)
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    def pvc_dir(self, claim: str) -> Path:
+        """The local directory that stands for PersistentVolumeClaim `claim` (created)."""
+        path = self.root / "pvcs" / claim
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def pod_dir(self, name: str) -> Path:
+        return self.root / "pods" / name
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, pod: dict[str, Any]) -> None:
+        """Start the pod's first container as a local process; a no-op if `metadata.name` is known.
+
+        Raises:
+            ValueError: the manifest has no name or no containers.
+        """
+        meta = pod.get("metadata") or {}
+        name = meta.get("name")
+        containers = (pod.get("spec") or {}).get("containers") or []
+        if not name or not containers:
+            raise ValueError("a pod needs metadata.name and at least one container")
+        with self._lock:
+            if self._closed.is_set():
+                raise RuntimeError("executor is closed")
+            if name in self._pods:
+                return
+            pod_dir = self.pod_dir(name)
+            if pod_dir.exists():  # a previous pod of the same name, deleted: start clean
+                shutil.rmtree(pod_dir, ignore_errors=True)
+            pod_dir.mkdir(parents=True)
+            container = containers[0]
+            record = _Pod(name=name, dir=pod_dir, container=container.get("name", "main"), started_at=_now())
+            record.fallback_to_logs = container.get("terminationMessagePolicy") != "File"
+            limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+            if limit is not None and self._enforce_memory:
+                record.memory_limit = parse_memory_quantity(limit)
+            self._pods[name] = record
+            self._spawn(record, pod, container)
+            if record.memory_limit is not None and self._monitor is None:
+                self._monitor = threading.Thread(
+                    target=self._watch_memory, name="pod-oom-killer", daemon=True
+                )
+                self._monitor.start()
+        if record.start_error is not None:
+            self._notify(name)
+
+    def _notify(self, name: str) -> None:
+        if self._on_exit is not None:
+            with contextlib.suppress(Exception):  # a callback must not kill the reaper
+                self._on_exit(name)
+
+    def _spawn(self, record: _Pod, pod: dict[str, Any], container: dict[str, Any]) -> None:
+        mounts = self._mounts(record, pod, container)
+        argv = [
+            _rewrite(str(a), mounts)
+            for a in [*(container.get("command") or []), *(container.get("args") or [])]
+        ]
+        env = dict(os.environ)
+        env.pop(TERMINATION_LOG_ENV, None)
+        for item in container.get("env") or []:
+            value = _env_value(item, pod)
+            if value is not None:
+                env[item["name"]] = _rewrite(value, mounts)
+        env[TERMINATION_LOG_ENV] = str(record.dir / "termination-log")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        (record.dir / "termination-log").touch()
+        cwd = Path(_rewrite(container["workingDir"], mounts)) if container.get("workingDir") else record.dir
+        log = open(record.dir / "log", "wb")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            if not argv:
+                raise FileNotFoundError(
+                    "container has no command: the local executor cannot use image entrypoints"
+                )
+            argv[0] = self._resolve(argv[0])
+            cwd.mkdir(parents=True, exist_ok=True)
+            record.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as e:
+            msg = f"failed to start container {record.container!r}: {e}"
+            log.write(msg.encode() + b"\n")
+            record.start_error, record.reason = msg, "StartError"
+            record.exit_code, record.finished_at = EXIT_START_ERROR, _now()
+            record.done.set()
+        finally:
+            log.close()
+        if record.proc is not None:
+            threading.Thread(
+                target=self._reap, args=(record,), name=f"pod-{record.name}", daemon=True
+            ).start()
+
+    def _mounts(self, record: _Pod, pod: dict[str, Any], container: dict[str, Any]) -> list[tuple[str, str]]:
+        volumes: dict[str, Path] = {}
+        for vol in (pod.get("spec") or {}).get("volumes") or []:
+            claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+            if claim:
+                volumes[vol["name"]] = self.pvc_dir(claim)
+            else:  # emptyDir; configMap/secret/... have no source here: an empty directory too
+                volumes[vol["name"]] = record.dir / "volumes" / vol["name"]
+                volumes[vol["name"]].mkdir(parents=True, exist_ok=True)
+        mounts = []
+        for m in container.get("volumeMounts") or []:
+            if m.get("name") not in volumes:
+                continue
+            local = volumes[m["name"]] / m["subPath"] if m.get("subPath") else volumes[m["name"]]
+            local.mkdir(parents=True, exist_ok=True)
+            mounts.append((m["mountPath"].rstrip("/") or "/", str(local)))
+        return sorted(mounts, key=lambda mp: len(mp[0]), reverse=True)  # the deepest mount wins
+
+    def _resolve(self, command: str) -> str:
+        candidate = self.bin_dir / Path(command).name
+        if os.sep not in command and candidate.is_file():
+            return str(candidate)
+        if os.path.isabs(command) and os.path.isfile(command):
+            return command
+        if candidate.is_file():  # /usr/local/bin/finetune-worker in the image -> the venv's script
+            return str(candidate)
+        found = shutil.which(Path(command).name)
+        if found is None:
+            raise FileNotFoundError(f"executable {command!r} not found in {self.bin_dir} or on PATH")
+        return found
+
+    def _reap(self, record: _Pod) -> None:
+        assert record.proc is not None
+        code = record.proc.wait()
+        record.exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128+N
+        record.finished_at = _now()
+        record.done.set()
+        self._notify(record.name)
+
+    def _watch_memory(self) -> None:
+        while not self._closed.wait(MEMORY_POLL_SECONDS):
+            with self._lock:
+                running = [
+                    p for p in self._pods.values() if p.memory_limit is not None and not p.done.is_set()
+                ]
+            for record in running:
+                if record.proc is not None and _tree_rss(record.proc.pid) > (record.memory_limit or 0):
+                    record.reason = "OOMKilled"
+                    _killpg(record.proc.pid, _signal.SIGKILL)
+
+    # -- observation -----------------------------------------------------------------------------
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        """The pod's Kubernetes PodStatus dict, or None if no such pod was started (or it was deleted)."""
+        record = self._pods.get(name)
+        if record is None:
+            return None
+        cstatus: dict[str, Any] = {"name": record.container, "restartCount": 0, "ready": False}
+        if not record.done.is_set():
+            cstatus["ready"] = True
+            cstatus["state"] = {"running": {"startedAt": record.started_at}}
+            return {"phase": "Running", "startTime": record.started_at, "containerStatuses": [cstatus]}
+        code = record.exit_code if record.exit_code is not None else 1
+        reason = record.reason or ("Completed" if code == 0 else "Error")
+        terminated = {
+            "exitCode": code,
+            "reason": reason,
+            "startedAt": record.started_at,
+            "finishedAt": record.finished_at,
+        }
+        message = self._termination_message(record, code)
+        if message:
+            terminated["message"] = message
+        cstatus["state"] = {"terminated": terminated}
+        return {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "startTime": record.started_at,
+            "containerStatuses": [cstatus],
+        }
+
+    def _termination_message(self, record: _Pod, code: int) -> str:
+        try:
+            raw = (record.dir / "termination-log").read_bytes()[:TERMINATION_MESSAGE_MAX_BYTES]
+        except OSError:
+            raw = b""
+        message = raw.decode("utf-8", "replace")
+        if not message.strip() and code != 0 and record.fallback_to_logs:
+            tail = "\n".join(self._read_log(record).splitlines()[-FALLBACK_LOG_LINES:])
+            message = tail.encode()[-FALLBACK_LOG_BYTES:].decode("utf-8", "ignore")
+        return message
+
+    def logs(self, name: str, tail_lines: int | None = None) -> str:
+        """The pod's combined stdout+stderr, or its last `tail_lines` lines.
+
+        Raises:
+            KeyError: no such pod.
+        """
+        record = self._pods.get(name)
+        if record is None:
+            raise KeyError(name)
+        text = self._read_log(record)
+        if tail_lines is None:
+            return text
+        if tail_lines <= 0:
+            return ""
+        lines = text.splitlines(keepends=True)
+        return "".join(lines[-tail_lines:])
+
+    @staticmethod
+    def _read_log(record: _Pod) -> str:
+        try:
+            return (record.dir / "log").read_bytes().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pods)
+
+    def wait(self, name: str, timeout: float | None = None) -> bool:
+        """Block until the pod's process has ended; False on timeout or for an unknown pod."""
+        record = self._pods.get(name)
+        return record is not None and record.done.wait(timeout)
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def signal(self, name: str, sig: int) -> None:
+        """Deliver `sig` to the pod's main process (SIGKILL: to its whole process group).
+
+        Raises:
+            KeyError: no such pod.
+        """
+        record = self._pods[name]
+        if record.proc is None or record.done.is_set():
+            return
+        if sig == _signal.SIGKILL:
+            _killpg(record.proc.pid, sig)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.proc.pid, sig)
+
+    def oom_kill(self, name: str) -> None:
+        """Kill the pod as the kernel OOM killer would: SIGKILL, reported as reason OOMKilled."""
+        record = self._pods[name]
+        if record.proc is not None and not record.done.is_set():
+            record.reason = "OOMKilled"
+            _killpg(record.proc.pid, _signal.SIGKILL)
+
+    def delete(self, name: str, grace_seconds: float = 30) -> None:
+        """SIGTERM, wait up to `grace_seconds` for the process to exit, then SIGKILL; forget the pod."""
+        record = self._pods.get(name)
+        if record is None:
+            return
+        self._stop(record, grace_seconds)
+        with self._lock:
+            if self._pods.get(name) is record:
+                del self._pods[name]
+        shutil.rmtree(record.dir / "volumes", ignore_errors=True)
+
+    def _stop(self, record: _Pod, grace_seconds: float) -> None:
+        if record.proc is None:
+            return
+        if not record.done.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.proc.pid, _signal.SIGTERM)
+            if not record.done.wait(max(0.0, grace_seconds)):
+                _killpg(record.proc.pid, _signal.SIGKILL)
+                record.done.wait(10)
+        _killpg(record.proc.pid, _signal.SIGKILL)  # leftovers in the group (a container's cgroup dies whole)
+
+    def close(self) -> None:
+        """Kill every pod still running and wait for them to be reaped."""
+        with self._lock:
+            self._closed.set()
+            records = list(self._pods.values())
+        for record in records:
+            self._stop(record, 0)
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
+
+    def __enter__(self) -> LocalPodExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rewrite(value: str, mounts: list[tuple[str, str]]) -> str:
+    """Map a container path (or `--flag=PATH`) equal to or under a mount path to the local directory."""
+    prefix, sep, path = value.partition("=") if value.startswith("-") else ("", "", value)
+    for mount, local in mounts:
+        if path == mount:
+            return prefix + sep + local
+        if path.startswith(mount + "/") or mount == "/":
+            return prefix + sep + local + "/" + path[len(mount) :].lstrip("/")
+    return value
+
+
+def _env_value(item: dict[str, Any], pod: dict[str, Any]) -> str | None:
+    if "value" in item:
+        return str(item["value"])
+    ref = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+    meta = pod.get("metadata") or {}
+    if ref in ("metadata.name", "metadata.namespace", "metadata.uid"):
+        return str(meta.get(ref.split(".", 1)[1], ""))
+    return None
+
+
+def _killpg(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants (Linux /proc; 0 where unavailable)."""
+    total, todo, seen = 0, [pid], set()
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
