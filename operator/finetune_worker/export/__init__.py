@@ -1,0 +1,220 @@
+"""`finetune-worker export`: merge, format, verify, gate and publish a training result.
+
+Steps (each announced as a JSON progress line `{"event": "export", "stage": ...}`):
+locate the result (final/ or spec.export.checkpoint) -> plan the merge (every adapter target
+must exist in the base, else exit 2 with nothing written) -> stream-merge into a staging dir
+(peft's merge_and_unload for adapter kinds streaming can't do, said in the log and metadata)
+-> lay out the formats -> verify -> optional evaluation gate -> card + metadata -> atomic
+publish to `<workspace>/export/`. A rerun on a current, complete export exits 0 at once.
+
+Exit codes: 0 exported (or already current); 2 invalid input, a missing adapter target, or a
+failed evaluation gate (permanent); 1 anything else (retried by the operator).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.contract import (
+    EXIT_COMPLETED,
+    EXIT_INVALID,
+    EXPORT_DIR,
+    EXPORT_METADATA,
+    RESULT_COMPLETED,
+    RESULT_FAILED,
+    RESULT_INVALID,
+)
+from finetune_operator.spec import FineTuneSpec
+
+from ..summary import emit, write_summary
+from ._errors import InvalidInput
+
+EXIT_FAILED = 1
+PAUSE_ENV = "FINETUNE_EXPORT_PAUSE_AFTER"  # test hook: sleep after this stage so a test can kill the pod
+log = logging.getLogger("finetune_worker.export")
+
+
+def _stage(stage: str, **fields: Any) -> None:
+    emit("export", stage=stage, **fields)
+    if os.environ.get(PAUSE_ENV) == stage:
+        emit("export", stage="paused", after=stage)
+        time.sleep(3600)
+
+
+def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | None = None) -> int:
+    """Export the training result in `workspace` as spec.export says. Returns the exit code."""
+    from .evaluate import GateFailed
+    from .verify import VerificationFailed
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    workspace = Path(workspace)
+    stagings: list[Path] = []
+    started = time.monotonic()
+    try:
+        from .publish import clean_stale
+
+        removed = clean_stale(workspace)
+        if removed:
+            log.info("removed staging left by an interrupted export: %s", ", ".join(removed))
+        meta = _export(spec, workspace, metadata or {}, stagings)
+        summary = {"result": RESULT_COMPLETED, "message": meta.pop("_message"),
+                   "export": str(workspace / EXPORT_DIR), "formats": meta.get("formats"),
+                   "maxDeviation": meta.get("maxDeviation"), "metrics": _headline(meta.get("metrics")),
+                   "merge": (meta.get("merge") or {}).get("method"), "seconds": round(time.monotonic() - started, 1)}
+        write_summary(summary)
+        emit("export", stage="done", **{k: v for k, v in summary.items() if k != "result"})
+        return EXIT_COMPLETED
+    except InvalidInput as e:
+        return _fail(EXIT_INVALID, RESULT_INVALID, f"export: {e}")
+    except GateFailed as e:
+        return _fail(EXIT_INVALID, RESULT_INVALID, str(e), metrics=_headline(e.metrics))
+    except VerificationFailed as e:
+        return _fail(EXIT_FAILED, RESULT_FAILED, f"export verification failed: {e}")
+    except Exception as e:  # noqa: BLE001 - the pod must always leave a summary
+        traceback.print_exc()
+        return _fail(EXIT_FAILED, RESULT_FAILED, f"export failed: {type(e).__name__}: {e}")
+    finally:
+        for staging in stagings:  # published ones were renamed away; failed ones go
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def _headline(metrics: dict[str, float] | None) -> dict[str, float] | None:
+    """The metrics the spec can name (the summary must stay under 4 KiB)."""
+    from finetune_operator.spec import EVAL_METRICS
+
+    return None if metrics is None else {k: round(v, 6) for k, v in metrics.items() if k in EVAL_METRICS}
+
+
+def _fail(code: int, result: str, message: str, **fields: Any) -> int:
+    print(f"finetune-worker: {message}", file=sys.stderr, flush=True)
+    write_summary({"result": result, "message": message, **fields})
+    emit("export", stage="failed", message=message, **fields)
+    return code
+
+
+def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: list[Path]) -> dict[str, Any]:
+    from . import merge as merging
+    from . import safeio
+    from .card import build_metadata, model_card, write_json
+    from .formats import build_adapter, build_huggingface, build_sentence_transformers, transformer_dir
+    from .publish import current_export, file_sizes, new_staging, publish
+    from .source import fingerprint, locate
+
+    result = locate(spec, workspace)
+    formats = list(spec.export.formats)
+    if result.lora and not spec.export.merge and formats != ["adapter"]:
+        raise InvalidInput("spec.export.merge is false: only the 'adapter' format can be exported unmerged "
+                           f"(asked for {', '.join(formats)})")
+    if "adapter" in formats and not result.lora:
+        raise InvalidInput(f"the 'adapter' format needs a LoRA result, but {result.path} holds full weights")
+    fp = fingerprint(result, spec)
+    current = current_export(workspace, fp)
+    if current is not None:
+        _stage("current", fingerprint=fp)
+        return {**current, "_message": f"export of {result.name} is already complete and current"}
+    _stage("start", source=result.name, lora=result.lora, formats=formats)
+    safeio.mmap_fallbacks.clear()
+
+    merge_info: dict[str, Any]
+    reference_hf: Path
+    base_hf: Path | None = None
+    need_weights = formats != ["adapter"]
+    plan = None
+    if result.lora:
+        assert result.base_model is not None and result.adapter_dir is not None
+        base_hf = transformer_dir(Path(result.base_model))
+        base = merging.base_tensors(base_hf)
+        config, state = merging.load_adapter(result.adapter_dir)
+        reason = merging.unsupported_reason(config, state, base)
+        if reason is None:
+            plan = merging.plan_merge(config, state, base)  # a missing target raises here: nothing written yet
+        reference_hf = base_hf
+        scaffold = Path(result.base_model)
+        tokenizer_src: Path | None = result.adapter_dir
+    else:
+        assert result.model_dir is not None
+        reason = None
+        reference_hf = transformer_dir(result.model_dir)
+        base = merging.base_tensors(reference_hf)
+        plan = merging.MergePlan()  # a full fine-tune: re-shard and copy
+        scaffold = result.model_dir
+        tokenizer_src = None
+    low_precision = any(t.dtype in ("BF16", "F16") for t in base.values())
+
+    staging = new_staging(workspace)
+    stagings.append(staging)
+    weights = staging / "_weights"
+    weights.mkdir()
+    max_bytes = spec.export.max_shard_bytes
+    if need_weights:
+        t0 = time.monotonic()
+        if plan is not None:
+            index = merging.stream_merge(reference_hf, plan, weights, max_bytes,
+                                         on_shard=lambda i, n, name: emit("export", stage="shard", shard=i, shards=n, file=name))
+            merge_info = {"method": "streaming" if result.lora else "copy", "targets": len(plan.targets),
+                          "modulesToSave": len(plan.replacements), "shards": len(set(index["weight_map"].values()))}
+        else:
+            log.warning("streaming merge cannot handle this adapter (%s); falling back to peft merge_and_unload, "
+                        "which loads the whole model into memory", reason)
+            emit("export", stage="fallback", reason=reason)
+            merging.peft_merge(reference_hf, result.adapter_dir, weights, max_bytes)  # type: ignore[arg-type]
+            merge_info = {"method": "peft-merge_and_unload", "fallbackReason": reason}
+        merge_info["seconds"] = round(time.monotonic() - t0, 2)
+        _stage("merged", **merge_info)
+    else:
+        merge_info = {"method": "none (adapter only)"}
+
+    st_info = None
+    st_dir = staging / "sentence-transformers"
+    hf_dir = staging / "huggingface" if "huggingface" in formats else None
+    if need_weights:
+        st_info = build_sentence_transformers(st_dir, scaffold, weights, spec, tokenizer_src)
+    if hf_dir is not None:
+        build_huggingface(hf_dir, reference_hf, weights, tokenizer_src)
+    if "adapter" in formats:
+        build_adapter(staging / "adapter", result.adapter_dir, tokenizer_src)  # type: ignore[arg-type]
+    shutil.rmtree(weights)
+    _stage("formatted", formats=formats)
+
+    verify_info: dict[str, Any] = {}
+    metrics: dict[str, float] | None = None
+    if need_weights:
+        from .verify import load_st, verify_export
+
+        adapter_for_check = (staging / "adapter") if "adapter" in formats else result.adapter_dir
+        verify_info = verify_export(st_dir, spec, reference_hf=reference_hf,
+                                    adapter_dir=adapter_for_check if result.lora else None,
+                                    base_hf=base_hf, hf_dir=hf_dir, low_precision=low_precision)
+        _stage("verified", maxDeviation=verify_info["maxDeviation"], baseDeviation=verify_info.get("baseDeviation"))
+        if spec.export.evaluate is not None:
+            from .evaluate import gate
+
+            metrics = gate(load_st(st_dir, spec), spec, workspace)
+            _stage("evaluated", metrics=metrics)
+    elif spec.export.evaluate is not None:
+        raise InvalidInput("spec.export.evaluate needs a merged format (sentence-transformers or huggingface)")
+    if not need_weights or "sentence-transformers" not in formats:
+        shutil.rmtree(st_dir, ignore_errors=True)
+    merge_info["mmapFallback"] = list(safeio.mmap_fallbacks)
+
+    meta = build_metadata(spec, job, result, fingerprint=fp, formats=formats, merge=merge_info,
+                          verify=verify_info, metrics=metrics, st_info=st_info, files={})
+    for fmt in formats:
+        (staging / fmt / "README.md").write_text(model_card(meta, fmt))
+    meta["files"] = file_sizes(staging)
+    write_json(staging / EXPORT_METADATA, meta)
+    _stage("publishing")
+    publish(staging, workspace)
+    dev = verify_info.get("maxDeviation")
+    return {**meta, "_message": f"exported {result.name} as {', '.join(formats)}"
+                  + (f" (max deviation {dev:.2g})" if dev is not None else "")}

@@ -1,0 +1,108 @@
+"""export/metadata.json and the model card (README.md) written into each format."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.spec import FineTuneSpec
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "sentence-transformers", "peft", "safetensors", "finetune-operator"):
+        try:
+            out[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def data_summary(spec: FineTuneSpec) -> dict[str, Any]:
+    d = spec.dataset
+    source = d.path or d.hub or (f"inline ({len(d.inline)} records)" if d.inline else None)
+    return {"source": source, "columns": dict(d.columns), "split": d.split}
+
+
+def build_metadata(spec: FineTuneSpec, job: dict[str, Any], result: Any, *, fingerprint: str,
+                   formats: list[str], merge: dict[str, Any], verify: dict[str, Any],
+                   metrics: dict[str, float] | None, st_info: dict[str, Any] | None,
+                   files: dict[str, int]) -> dict[str, Any]:
+    info = result.info
+    return {
+        "job": job.get("name"),
+        "namespace": job.get("namespace"),
+        "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": fingerprint,
+        "source": result.name,
+        "baseModel": result.base_model,
+        "lora": result.lora,
+        "data": data_summary(spec),
+        "training": {"loss": info.get("loss", spec.training.loss), "steps": info.get("steps"),
+                     "epochs": info.get("epochs"), "seed": info.get("seed", spec.training.seed),
+                     "trainRows": info.get("trainRows"), "evalRows": info.get("evalRows"),
+                     "evalMetrics": info.get("evalMetrics"), "trainLoss": info.get("trainLoss")},
+        "formats": formats,
+        "merge": merge,
+        "pooling": (st_info or {}).get("pooling"),
+        "normalize": (st_info or {}).get("normalize"),
+        "maxDeviation": verify.get("maxDeviation"),
+        "verify": verify,
+        "metrics": metrics or {},
+        "versions": {"training": info.get("versions"), "export": versions()},
+        "files": files,
+    }
+
+
+def model_card(meta: dict[str, Any], fmt: str) -> str:
+    """A short README.md for one export format."""
+    name = meta.get("job") or "fine-tuned embedding model"
+    base = meta.get("baseModel")
+    t = meta["training"]
+    load = {
+        "sentence-transformers": ("from sentence_transformers import SentenceTransformer\n"
+                                  "model = SentenceTransformer(\"path/to/sentence-transformers\")\n"
+                                  "embeddings = model.encode([\"How do I reset my password?\"])"),
+        "huggingface": ("from transformers import AutoModel, AutoTokenizer\n"
+                        "model = AutoModel.from_pretrained(\"path/to/huggingface\")\n"
+                        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/huggingface\")\n"
+                        f"# pool token embeddings with {meta.get('pooling') or 'mean'} pooling"
+                        + (" and L2-normalize" if meta.get("normalize") else "")),
+        "adapter": ("from peft import PeftModel\nfrom transformers import AutoModel\n"
+                    f"model = PeftModel.from_pretrained(AutoModel.from_pretrained(\"{base}\"), \"path/to/adapter\")"),
+    }[fmt]
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items())) or "| (none) | |"
+    return f"""---
+library_name: {"peft" if fmt == "adapter" else "sentence-transformers"}
+base_model: {base}
+tags: [sentence-transformers, feature-extraction, finetune-operator{", lora" if meta.get("lora") else ""}]
+---
+
+# {name}
+
+Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if fmt != "adapter" else "") if meta.get("lora") else "full fine-tune"}).
+
+- Training: loss {t.get("loss")}, {t.get("steps")} steps, {t.get("epochs")} epochs, seed {t.get("seed")}, data: {meta["data"].get("source")}
+- Exported from: {meta.get("source")}; merge: {meta["merge"].get("method")}
+- Pooling: {meta.get("pooling")}, normalize: {meta.get("normalize")}
+- Verified: max |Δ| vs the unmerged model on {meta["verify"].get("probes")} probe texts = {meta.get("maxDeviation")}
+
+## Evaluation
+
+| metric | value |
+|---|---|
+{metrics}
+
+## Usage
+
+```python
+{load}
+```
+"""
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

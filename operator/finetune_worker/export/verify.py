@@ -1,0 +1,155 @@
+"""Verify an export before it is published.
+
+LoRA: the merged model's embeddings on probe texts must match the unmerged model (base weights
++ the adapter applied by peft, through the same pooling/normalize pipeline) within the tolerance
+(fp32: max |Δ| ≤ tolerance; bf16/fp16 weights: cosine ≥ 0.999), and must differ from the base
+model's (an adapter with no effect, or a merge that silently wrote the base weights, fails).
+Full fine-tune: the re-formatted model must embed exactly like the trained one.
+Every format is reloaded the way users load it: `SentenceTransformer(dir)`,
+`transformers.AutoModel.from_pretrained(dir)`, and peft for the adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.spec import FineTuneSpec
+
+from .safeio import is_enodev, load_file, note_mmap_fallback
+
+log = logging.getLogger(__name__)
+
+PROBES = (
+    "how do i reset my password",
+    "the invoice for my order never arrived",
+    "Can I change the shipping address after the package left the store?",
+    "battery drains fast after the latest update",
+    "two factor code not working",
+    "What are your support hours on weekends?",
+    "refund",
+    "A longer probe sentence that mentions privacy, security settings, data backup and restore, "
+    "and asks whether the subscription plan can be downgraded without losing anything.",
+)
+LOW_PRECISION_MIN_COSINE = 0.999
+
+
+class VerificationFailed(RuntimeError):
+    """The export does not behave like the model it was made from."""
+
+
+def load_st(path: Path, spec: FineTuneSpec) -> Any:
+    """SentenceTransformer(path) on CPU; retried without mmap where mmap fails with errno 19."""
+    from sentence_transformers import SentenceTransformer
+
+    kwargs = {"device": "cpu", "trust_remote_code": spec.model.trust_remote_code}
+    try:
+        return SentenceTransformer(str(path), **kwargs)
+    except Exception as e:
+        if not is_enodev(e):
+            raise
+        note_mmap_fallback(path, e)
+        return SentenceTransformer(str(path), model_kwargs={"disable_mmap": True}, **kwargs)
+
+
+def load_hf(path: Path, spec: FineTuneSpec) -> Any:
+    """transformers.AutoModel.from_pretrained(path), with the same errno 19 fallback."""
+    from transformers import AutoModel
+
+    kwargs = {"trust_remote_code": spec.model.trust_remote_code}
+    try:
+        model = AutoModel.from_pretrained(str(path), **kwargs)
+    except Exception as e:
+        if not is_enodev(e):
+            raise
+        note_mmap_fallback(path, e)
+        model = AutoModel.from_pretrained(str(path), disable_mmap=True, **kwargs)
+    return model.eval()
+
+
+def attach_adapter(hf_model: Any, adapter_dir: Path) -> Any:
+    """Apply a saved peft adapter to hf_model in place (weights read without mmap on errno 19)."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    config.inference_mode = True
+    pm = get_peft_model(hf_model, config)
+    result = set_peft_model_state_dict(pm, load_file(adapter_dir / "adapter_model.safetensors"))
+    if getattr(result, "unexpected_keys", None):
+        raise VerificationFailed(f"adapter weights did not load into the base model: {result.unexpected_keys[:5]}")
+    return pm.eval()
+
+
+def _encode(st: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return st.encode(list(PROBES), convert_to_tensor=True, batch_size=len(PROBES), show_progress_bar=False).float()
+
+
+def _compare(a: Any, b: Any) -> tuple[float, float]:
+    """(max abs difference, min cosine similarity) between two embedding matrices."""
+    import torch
+
+    dev = float((a - b).abs().max())
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())
+    return dev, cos
+
+
+def _within(dev: float, cos: float, tolerance: float, low_precision: bool) -> bool:
+    return cos >= LOW_PRECISION_MIN_COSINE if low_precision else dev <= tolerance
+
+
+def _hidden(model: Any, tokenizer: Any) -> Any:
+    import torch
+
+    enc = tokenizer(list(PROBES), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).last_hidden_state.float()
+
+
+def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapter_dir: Path | None,
+                  base_hf: Path | None, hf_dir: Path | None, low_precision: bool) -> dict[str, Any]:
+    """Run every check; return the figures for metadata. Raises VerificationFailed.
+
+    reference_hf: the HF weights the export must reproduce (the base for LoRA, the trained
+    model for a full fine-tune); adapter_dir: the adapter applied on top of it (LoRA only).
+    """
+    tol = spec.export.tolerance
+    merged = load_st(st_dir, spec)
+    e_merged = _encode(merged)
+    ref = load_st(st_dir, spec)  # the export's own pipeline (pooling, normalize) ...
+    ref[0].model = load_hf(reference_hf, spec)  # ... over the reference weights
+    report: dict[str, Any] = {"probes": len(PROBES), "tolerance": tol, "lowPrecision": low_precision}
+    if adapter_dir is not None:
+        e_base = _encode(ref)
+        attach_adapter(ref[0].model, adapter_dir)
+        e_ref = _encode(ref)
+        base_dev, _ = _compare(e_merged, e_base)
+        report["baseDeviation"] = base_dev
+        if base_dev <= tol:
+            raise VerificationFailed(
+                f"the merged model embeds exactly like the base model (max |Δ| {base_dev:.3g} ≤ {tol:g}): "
+                "the adapter had no effect or the merge wrote the base weights")
+    else:
+        e_ref = _encode(ref)
+    dev, cos = _compare(e_merged, e_ref)
+    report.update(maxDeviation=dev, minCosine=cos)
+    if not _within(dev, cos, tol, low_precision):
+        want = f"cosine ≥ {LOW_PRECISION_MIN_COSINE}" if low_precision else f"max |Δ| ≤ {tol:g}"
+        raise VerificationFailed(f"merged model deviates from base+adapter: max |Δ| {dev:.3g}, min cosine {cos:.6f} "
+                                 f"(need {want})")
+    del ref
+    tokenizer = merged.tokenizer
+    h_st = _hidden(merged[0].model, tokenizer)
+    for label, d in (("sentence-transformers dir", st_dir), ("huggingface dir", hf_dir)):
+        if d is None:
+            continue
+        hf = load_hf(d, spec)
+        hdev, hcos = _compare(_hidden(hf, tokenizer).flatten(0, 1), h_st.flatten(0, 1))
+        del hf
+        if not _within(hdev, hcos, tol, low_precision):
+            raise VerificationFailed(f"transformers.AutoModel on the {label} disagrees with the export: max |Δ| {hdev:.3g}")
+    report["reloaded"] = ["SentenceTransformer", "AutoModel"] + (["peft"] if adapter_dir is not None else [])
+    return report
