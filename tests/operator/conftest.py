@@ -1,0 +1,67 @@
+"""Fixtures for tier 3: the emulated API (`kube`), the test kubelet (`kubelet`) and `run_operator`.
+
+See harness.py for what each piece does; everything is torn down even when a test fails, and a
+test that leaves a kopf thread or a pod process behind fails at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import harness
+import psutil
+import pytest
+from harness import Cluster, OperatorRunner
+from kubelet_sim import TestKubelet
+
+
+@pytest.fixture
+def kube(tmp_path: Path) -> Iterator[Cluster]:
+    """A running emulated API server with the FineTuneJob resource, namespace `default` and a test kubelet."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    cluster = Cluster(tmp_path / "cluster").start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
+    assert not left, f"pod processes left running: {[p.cmdline() for p in left]}"
+
+
+@pytest.fixture
+def kubelet(kube: Cluster) -> TestKubelet:
+    """The test kubelet running `kube`'s pods as local processes (kill/evict/workspace helpers)."""
+    assert kube.kubelet is not None
+    return kube.kubelet
+
+
+@pytest.fixture
+def run_operator(kube: Cluster) -> Iterator[Callable[..., contextlib.AbstractContextManager[OperatorRunner]]]:
+    """`with run_operator(**kwargs) as op:` runs the real kopf operator against `kube` (op.restart() works).
+
+    Every operator started through this fixture is stopped at teardown and must leave no kopf thread behind.
+    """
+    runners: list[OperatorRunner] = []
+
+    @contextlib.contextmanager
+    def start(**kwargs: Any) -> Iterator[OperatorRunner]:
+        runner = OperatorRunner(kube.url, **kwargs)
+        runners.append(runner)
+        runner.start()
+        try:
+            yield runner
+        finally:
+            runner.stop()
+
+    yield start
+    for runner in runners:
+        runner.stop()
+    leftovers = [t.name for t in threading.enumerate() if t.name.startswith("kopf-operator")]
+    assert not leftovers, f"operator threads left running: {leftovers}"
+
+
+__all__ = ["harness", "kube", "kubelet", "run_operator"]
