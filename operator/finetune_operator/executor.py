@@ -5,8 +5,10 @@ and the tier-3 test kubelet starts the pods the operator creates in the emulated
 
 What a pod becomes here:
   - `spec.containers[0]` `command + args` run as one local process in its own session (process
-    group); `command[0]` is looked up in `bin_dir` (default: the directory of `sys.executable`, i.e.
-    the venv's console scripts), then on PATH.
+    group); without `command`, the image ENTRYPOINT is `default_command` (`finetune-worker`);
+    `$(VAR)` references to the container's env are expanded as the kubelet does; `command[0]` is
+    looked up in `bin_dir` (default: the directory of `sys.executable`, i.e. the venv's console
+    scripts), then on PATH.
   - env: the host environment, overlaid with the container's `env` (`value`, and `valueFrom.fieldRef`
     for metadata.name/namespace/uid); `FINETUNE_TERMINATION_LOG` points at `pods/<name>/termination-log`.
   - volumes: `persistentVolumeClaim` -> `root/pvcs/<claimName>/` (created, kept across pods, which is
@@ -34,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ FALLBACK_LOG_LINES = 80  # FallbackToLogsOnError: the last 80 lines ...
 FALLBACK_LOG_BYTES = 2048  # ... or 2 KiB, whichever is smaller (kubelet's limits)
 EXIT_START_ERROR = 128  # what a runtime reports when the executable cannot be started
 MEMORY_POLL_SECONDS = 0.2
+DEFAULT_COMMAND = ("finetune-worker",)  # the worker image's ENTRYPOINT (DESIGN.md: one image, one script)
 
 _QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
 _SUFFIXES = {
@@ -98,6 +101,7 @@ class LocalPodExecutor:
         bin_dir: where `command[0]` is looked up first (default: the directory of `sys.executable`).
         on_exit: called with the pod name from a background thread when a pod's process ends.
         enforce_memory_limits: SIGKILL pods over `resources.limits.memory` and report OOMKilled.
+        default_command: the image ENTRYPOINT for containers without `command` (the worker image's).
     """
 
     def __init__(
@@ -107,8 +111,10 @@ class LocalPodExecutor:
         bin_dir: Path | None = None,
         on_exit: Callable[[str], None] | None = None,
         enforce_memory_limits: bool = True,
+        default_command: Sequence[str] = DEFAULT_COMMAND,
     ) -> None:
         self.root = Path(root)
+        self.default_command = list(default_command)
         self.bin_dir = Path(bin_dir) if bin_dir is not None else Path(sys.executable).parent
         self._on_exit = on_exit
         self._enforce_memory = enforce_memory_limits
@@ -175,16 +181,19 @@ class LocalPodExecutor:
 
     def _spawn(self, record: _Pod, pod: dict[str, Any], container: dict[str, Any]) -> None:
         mounts = self._mounts(record, pod, container)
-        argv = [
-            _rewrite(str(a), mounts)
-            for a in [*(container.get("command") or []), *(container.get("args") or [])]
-        ]
         env = dict(os.environ)
         env.pop(TERMINATION_LOG_ENV, None)
+        container_env: dict[str, str] = {}
         for item in container.get("env") or []:
             value = _env_value(item, pod)
             if value is not None:
-                env[item["name"]] = _rewrite(value, mounts)
+                container_env[item["name"]] = _rewrite(_expand(value, container_env), mounts)
+        env.update(container_env)
+        command = container.get("command") or self.default_command
+        argv = [
+            _rewrite(_expand(str(a), container_env), mounts)
+            for a in [*command, *(container.get("args") or [])]
+        ]
         env[TERMINATION_LOG_ENV] = str(record.dir / "termination-log")
         env.setdefault("PYTHONUNBUFFERED", "1")
         (record.dir / "termination-log").touch()
@@ -192,9 +201,7 @@ class LocalPodExecutor:
         log = open(record.dir / "log", "wb")  # noqa: SIM115 - handed to the child, closed below
         try:
             if not argv:
-                raise FileNotFoundError(
-                    "container has no command: the local executor cannot use image entrypoints"
-                )
+                raise FileNotFoundError("container has no command and the executor no default_command")
             argv[0] = self._resolve(argv[0])
             cwd.mkdir(parents=True, exist_ok=True)
             record.proc = subprocess.Popen(
@@ -410,6 +417,20 @@ def _rewrite(value: str, mounts: list[tuple[str, str]]) -> str:
         if path.startswith(mount + "/") or mount == "/":
             return prefix + sep + local + "/" + path[len(mount) :].lstrip("/")
     return value
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes `$(VAR)` expansion in command, args and env values (`$$` escapes; unknown refs stay)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(sub, value)
 
 
 def _env_value(item: dict[str, Any], pod: dict[str, Any]) -> str | None:

@@ -289,3 +289,18 @@ def test_parse_memory_quantity(text: str, expected: int) -> None:
 def test_parse_memory_quantity_rejects_garbage() -> None:
     with pytest.raises(ValueError, match="not a memory quantity"):
         parse_memory_quantity("lots")
+
+
+def test_image_entrypoint_and_var_expansion(tmp_path: Path) -> None:
+    script = "import sys; print(' '.join(sys.argv[1:]))"
+    ex = LocalPodExecutor(tmp_path / "root", default_command=[PY, "-c", script])
+    try:
+        spec = pod(
+            "entry", "", env={"STEPS": "7"}, args=["train", "--steps", "$(STEPS)", "$$(STEPS)", "$(NOPE)"]
+        )
+        del spec["spec"]["containers"][0]["command"]
+        ex.start(spec)
+        assert finished(ex, "entry")["phase"] == "Succeeded"
+        assert ex.logs("entry") == "train --steps 7 $(STEPS) $(NOPE)\n"
+    finally:
+        ex.close()
