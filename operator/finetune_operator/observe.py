@@ -1,0 +1,201 @@
+"""Read what worker pods report: how a pod ended, its termination summary, its live progress.
+
+Pure: takes Pod dicts and log text, returns dataclasses. The handlers fetch; this module decides
+what the fetched data means, so the classification table is testable without a cluster.
+
+Every ending is one of the results in contract.py:
+  completed  exit 0
+  preempted  exit 75: the worker checkpointed on SIGTERM and stopped (does not consume backoffLimit)
+  evicted    pod reason Evicted / NodeLost / Shutdown, a DisruptionTarget condition, or a pod that
+             vanished before it finished (does not consume backoffLimit)
+  oomkilled  container reason OOMKilled (consumes backoffLimit)
+  invalid    exit 2: invalid config or data, permanent
+  failed     anything else (consumes backoffLimit)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .builders import LABEL_ATTEMPT, LABEL_ROLE
+from .contract import (
+    CHECKPOINT_EVENT,
+    EXIT_COMPLETED,
+    EXIT_INVALID,
+    EXIT_PREEMPTED,
+    PROGRESS_EVENT,
+    PROGRESS_KEY,
+    RESULT_COMPLETED,
+    RESULT_EVICTED,
+    RESULT_FAILED,
+    RESULT_INVALID,
+    RESULT_OOMKILLED,
+    RESULT_PREEMPTED,
+)
+
+EVICTION_REASONS = ("Evicted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated", "Preempting")
+DISRUPTION_CONDITION = "DisruptionTarget"
+# Results that are the platform's doing, not the workload's: they never consume backoffLimit.
+INTERRUPTIONS = (RESULT_PREEMPTED, RESULT_EVICTED)
+PROGRESS_FIELDS = ("step", "totalSteps", "epoch", "loss", "samplesPerSecond")
+LOG_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class PodObservation:
+    """One child pod as the operator sees it."""
+
+    name: str
+    role: str
+    attempt: int
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    result: str | None = None  # set once the pod has ended (see the module docstring)
+    exit_code: int | None = None
+    reason: str | None = None  # container/pod reason: Completed, Error, OOMKilled, Evicted, ...
+    message: str = ""  # human-readable: the summary's message, or the raw termination message
+    summary: dict[str, Any] = field(default_factory=dict)  # the worker's JSON termination summary
+    started_at: str | None = None
+    finished_at: str | None = None
+    deleting: bool = False  # metadata.deletionTimestamp is set
+    waiting_reason: str | None = None  # ImagePullBackOff, CreateContainerConfigError, ...
+    progress: dict[str, Any] | None = None  # last progress line of the log tail
+    checkpoint: dict[str, Any] | None = None  # last checkpoint line of the log tail
+
+    @property
+    def ended(self) -> bool:
+        return self.result is not None
+
+    @property
+    def running(self) -> bool:
+        return self.result is None and self.phase == "Running"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything reconcile needs to know about the world besides the job itself."""
+
+    pods: tuple[PodObservation, ...] = ()
+    claim_exists: bool = False
+
+
+def parse_summary(message: str | None) -> dict[str, Any]:
+    """The worker's termination summary (a JSON object), or {} when the message is something else
+    (e.g. the log tail the kubelet falls back to when the process died without writing one)."""
+    if not message or not message.lstrip().startswith("{"):
+        return {}
+    try:
+        doc = json.loads(message)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def parse_log_tail(text: str | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(last progress line, last checkpoint line) of a log tail; lines that are not JSON are skipped."""
+    progress: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+    for line in (text or "").splitlines()[::-1]:
+        line = line.strip()
+        if not line.startswith("{") or (progress is not None and checkpoint is not None):
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        kind = doc.get(PROGRESS_KEY)
+        if kind == PROGRESS_EVENT and progress is None:
+            progress = {k: doc[k] for k in PROGRESS_FIELDS if k in doc}
+        elif kind == CHECKPOINT_EVENT and checkpoint is None and isinstance(doc.get("name"), str):
+            checkpoint = {"name": doc["name"], "step": doc.get("step")}
+    return progress, checkpoint
+
+
+def _terminated(status: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in status.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return dict(term)
+    return None
+
+
+def _waiting_reason(status: dict[str, Any]) -> str | None:
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            return str(waiting["reason"])
+    return None
+
+
+def _disrupted(status: dict[str, Any]) -> bool:
+    if status.get("reason") in EVICTION_REASONS:
+        return True
+    return any(
+        c.get("type") == DISRUPTION_CONDITION and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+
+
+def classify(status: dict[str, Any]) -> tuple[str | None, int | None, str | None]:
+    """(result, exit code, reason) of a PodStatus; result None while the pod has not ended."""
+    phase = status.get("phase") or "Pending"
+    term = _terminated(status)
+    code = term.get("exitCode") if term else None
+    reason = (term or {}).get("reason") or status.get("reason")
+    if phase not in ("Succeeded", "Failed", "Unknown"):
+        return None, None, None  # restartPolicy Never: the phase turns final once the container ends
+    if code == EXIT_COMPLETED and phase != "Failed":
+        return RESULT_COMPLETED, code, reason or "Completed"
+    if code == EXIT_PREEMPTED:
+        return RESULT_PREEMPTED, code, reason
+    if code == EXIT_INVALID:
+        return RESULT_INVALID, code, reason
+    if (term or {}).get("reason") == "OOMKilled":
+        return RESULT_OOMKILLED, code, "OOMKilled"
+    if _disrupted(status) or phase == "Unknown":
+        return RESULT_EVICTED, code, status.get("reason") or reason or "NodeLost"
+    return RESULT_FAILED, code, reason or "Error"
+
+
+def _message(summary: dict[str, Any], raw: str, status: dict[str, Any]) -> str:
+    if summary.get("message"):
+        return str(summary["message"])
+    if raw.strip() and not summary:
+        lines = [ln for ln in raw.strip().splitlines() if ln.strip()]
+        return lines[-1][:512] if lines else ""
+    return str(status.get("message") or "")
+
+
+def observe_pod(pod: dict[str, Any], log_tail: str | None = None) -> PodObservation:
+    """Turn a Pod object (and optionally its log tail) into a PodObservation."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    status = pod.get("status") or {}
+    result, code, reason = classify(status)
+    term = _terminated(status) or {}
+    raw = str(term.get("message") or "")
+    summary = parse_summary(raw)
+    progress, checkpoint = parse_log_tail(log_tail)
+    try:
+        attempt = int(labels.get(LABEL_ATTEMPT, "0"))
+    except ValueError:
+        attempt = 0
+    return PodObservation(
+        name=meta.get("name", ""),
+        role=str(labels.get(LABEL_ROLE, "")),
+        attempt=attempt,
+        phase=str(status.get("phase") or "Pending"),
+        result=result,
+        exit_code=code,
+        reason=reason,
+        message=_message(summary, raw, status) if result else "",
+        summary=summary,
+        started_at=term.get("startedAt") or status.get("startTime"),
+        finished_at=term.get("finishedAt"),
+        deleting=bool(meta.get("deletionTimestamp")),
+        waiting_reason=_waiting_reason(status),
+        progress=progress,
+        checkpoint=checkpoint,
+    )
