@@ -110,10 +110,11 @@ def _find_base_key(key: str, base: dict[str, TensorInfo]) -> str | None:
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    from peft.utils.other import get_pattern_key
-
-    key = get_pattern_key(list(patterns), module)
-    return patterns.get(key, default)
+    """peft's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key, without importing peft)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
 
 
 def plan_merge(config: dict[str, Any], state: dict[str, Any], base: dict[str, TensorInfo]) -> MergePlan:
@@ -173,18 +174,29 @@ def delta(target: Target, dtype: Any) -> Any:
     return (out * target.scaling).to(dtype)
 
 
+def _dot_natural_key(s: str) -> list[tuple[Any, ...]]:
+    """transformers 5's `core_model_loading.dot_natural_key` (copied: importing it costs seconds)."""
+    parts: list[tuple[Any, ...]] = []
+    for part in s.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+        else:
+            text = part.rstrip("0123456789")
+            digits = part[len(text):]
+            parts.append((1, text, int(digits)) if digits else (1, text))
+    return parts
+
+
 def state_dict_order(model_dir: Path, keys: list[str]) -> list[str]:
     """Keys in the order save_pretrained writes a from_pretrained-loaded model.
 
     transformers 5 saves through `revert_weight_conversion`, which orders keys by
     `dot_natural_key`; older releases save in the model's state-dict order (read off a meta model).
     """
-    try:
-        from transformers.core_model_loading import dot_natural_key
+    from importlib.metadata import version
 
-        return sorted(keys, key=dot_natural_key)
-    except ImportError:
-        pass
+    if int(version("transformers").split(".")[0]) >= 5:
+        return sorted(keys, key=_dot_natural_key)
     try:
         import torch
         from transformers import AutoConfig, AutoModel
@@ -239,7 +251,7 @@ def stream_merge(base_dir: Path, plan: MergePlan, out_dir: Path, max_shard_bytes
         for i, (name, shard) in enumerate(zip(names, shards)):
             writer = ShardWriter(out_dir / name, [(k, base[k].dtype, base[k].shape, base[k].nbytes) for k in shard])
             try:
-                for k in shard:
+                for k in writer.order:
                     info = base[k]
                     fd = fds.get(info.file)
                     if fd is None:

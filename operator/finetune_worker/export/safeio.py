@@ -134,7 +134,8 @@ class ShardWriter:
     """Write one safetensors file whose tensor list is known up front, tensor by tensor.
 
     Tensors are laid out by (item size descending, name), as safetensors does, so every
-    tensor starts aligned to its item size. Call `put` for every planned tensor (any order).
+    tensor starts aligned to its item size. Call `put_tensor`/`copy_from` for every planned
+    tensor; in `order` is fastest (sequential writes), any order is correct.
     """
 
     def __init__(self, path: Path, tensors: Iterable[tuple[str, str, tuple[int, ...], int]],
@@ -154,7 +155,7 @@ class ShardWriter:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.write(self.fd, struct.pack("<Q", len(raw)) + raw)
-        os.ftruncate(self.fd, self.size)
+        self.order = [t[0] for t in plan]  # writing in this order fills the file front to back, no holes
         self.written: set[str] = set()
 
     def put_tensor(self, name: str, tensor: Any) -> None:
@@ -195,6 +196,8 @@ class ShardWriter:
 
     def close(self) -> None:
         missing = set(self.slots) - self.written
+        if not missing and os.fstat(self.fd).st_size != self.size:
+            missing = {"(file size mismatch)"}
         if missing:
             os.close(self.fd)
             raise SafetensorsError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
