@@ -386,37 +386,37 @@ class FixedKubernetesEmulator(kmock.KubernetesEmulator):
         if obj is None:
             raise api_error(404, "NotFound", f'{res.plural} "{name}" not found')
         meta = obj["metadata"]
+        if meta.get("deletionTimestamp"):  # already terminating: only a force delete changes anything
+            if res.kind == "Pod" and grace_seconds == 0 and not meta.get("finalizers"):
+                if self.kubelet is not None:
+                    self.kubelet.terminate(meta["namespace"], name, 0)
+                return self._remove(res, key)
+            return copy.deepcopy(obj)
         graceful = (
             res.kind == "Pod" and self.kubelet is not None and self.kubelet.owns(meta["namespace"], name)
         )
         if graceful and grace_seconds is None:
             grace_seconds = float(obj.get("spec", {}).get("terminationGracePeriodSeconds", 30))
         if meta.get("finalizers") or (graceful and grace_seconds):
-            if not meta.get("deletionTimestamp"):
-                new = copy.deepcopy(obj)
-                new["metadata"]["deletionTimestamp"] = now_rfc3339()
-                if graceful:
-                    new["metadata"]["deletionGracePeriodSeconds"] = int(grace_seconds or 0)
-                new["metadata"]["resourceVersion"] = self._next_rv()
-                self._store[res.key][key] = new
-                self._emit(res, "MODIFIED", new)
-                if graceful and self.kubelet is not None:
-                    self.kubelet.terminate(meta["namespace"], name, grace_seconds or 0)
-                return copy.deepcopy(new)
-            return copy.deepcopy(obj)
-        if graceful and self.kubelet is not None:
-            self.kubelet.terminate(meta["namespace"], name, 0)
+            new = copy.deepcopy(obj)
+            new["metadata"]["deletionTimestamp"] = now_rfc3339()
+            if graceful:
+                new["metadata"]["deletionGracePeriodSeconds"] = int(grace_seconds or 0)
+            new["metadata"]["resourceVersion"] = self._next_rv()
+            self._store[res.key][key] = new
+            self._emit(res, "MODIFIED", new)
+            if graceful and self.kubelet is not None:
+                self.kubelet.terminate(meta["namespace"], name, grace_seconds or 0)
+            return copy.deepcopy(new)
+        if res.kind == "Pod" and self.kubelet is not None:
+            self.kubelet.terminate(meta["namespace"], name, 0)  # force delete: the kubelet kills it
         return self._remove(res, key)
 
-    def finish_pod_deletion(self, namespace: str, name: str) -> None:
+    def finish_pod_deletion(self, namespace: str, name: str, uid: str) -> None:
         """The kubelet's confirmation that a terminating pod's containers are gone."""
         res = self._res[("", "v1", "pods")]
-        obj = self._store[res.key].get((namespace, name))
-        if (
-            obj is not None
-            and obj["metadata"].get("deletionTimestamp")
-            and not obj["metadata"].get("finalizers")
-        ):
+        meta = (self._store[res.key].get((namespace, name)) or {}).get("metadata", {})
+        if meta.get("uid") == uid and meta.get("deletionTimestamp") and not meta.get("finalizers"):
             self._remove(res, (namespace, name))
 
     def _remove(self, res: Res, key: tuple[str | None, str]) -> dict[str, Any]:

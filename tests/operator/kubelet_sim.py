@@ -9,12 +9,14 @@ waits the grace period (terminationGracePeriodSeconds or the delete's gracePerio
 reports the final state and only then lets the API server remove the pod.
 
 All its bookkeeping runs in the emulator's event loop; blocking executor calls run in threads.
-Pods outside namespace `default` run under the local name `<namespace>.<name>`.
+Pods outside namespace `default` run under the local name `<namespace>.<name>`; a pod created while
+its same-named predecessor is still terminating runs as `<name>~2` (each is tracked by uid).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import signal
 import threading
@@ -49,7 +51,10 @@ class TestKubelet:
         self.loop = loop
         self.executor = LocalPodExecutor(root, bin_dir=bin_dir, on_exit=self._exited)
         self._pods_res = emulator.resource("v1", "pods")
-        self._owned: dict[tuple[str, str], str] = {}  # (ns, name) -> local name; loop thread only
+        self._owned: dict[tuple[str, str], str] = {}  # (ns, name) -> local name, not terminating
+        self._by_local: dict[str, tuple[str, str, str]] = {}  # local -> (ns, name, uid), until forgotten
+        self._cancelled: set[str] = set()  # deleted before their process started
+        self._locks: dict[str, threading.Lock] = {}  # local -> serializes start and termination
         self._waiting: dict[tuple[str, str], dict[str, Any]] = {}  # pods waiting for their PVCs
         self._evicted: set[str] = set()
         self._threads: list[threading.Thread] = []
@@ -64,13 +69,27 @@ class TestKubelet:
     def owns(self, namespace: str, name: str) -> bool:
         return (namespace, name) in self._owned
 
-    def logs(self, namespace: str, name: str, tail_lines: int | None) -> str:
-        return self.executor.logs(self._owned[(namespace, name)], tail_lines)
-
-    def terminate(self, namespace: str, name: str, grace_seconds: float) -> None:
+    def _local_of(self, namespace: str, name: str) -> str:
+        """The local name of the pod's newest incarnation, terminating or not (KeyError if none)."""
         local = self._owned.get((namespace, name))
         if local is not None:
-            self._thread(self._terminate_blocking, namespace, name, local, grace_seconds)
+            return local
+        for candidate, (ns, n, _) in reversed(list(self._by_local.items())):
+            if (ns, n) == (namespace, name):
+                return candidate
+        raise KeyError(f"{namespace}/{name}")
+
+    def logs(self, namespace: str, name: str, tail_lines: int | None) -> str:
+        return self.executor.logs(self._local_of(namespace, name), tail_lines)
+
+    def terminate(self, namespace: str, name: str, grace_seconds: float) -> None:
+        local = self._owned.pop((namespace, name), None)
+        if local is not None:
+            self._cancelled.add(local)
+            self._thread(self._terminate_blocking, local, grace_seconds)
+        elif grace_seconds == 0:  # a force delete of a pod already terminating: kill it now
+            with contextlib.suppress(KeyError):
+                self.executor.signal(self._local_of(namespace, name), signal.SIGKILL)
 
     def _on_change(self, res: Res, etype: str, obj: dict[str, Any]) -> None:
         if self._closed:
@@ -84,8 +103,9 @@ class TestKubelet:
             return
         meta = obj["metadata"]
         key = (meta["namespace"], meta["name"])
+        known = key in self._owned or any(uid == meta["uid"] for *_, uid in self._by_local.values())
         if (
-            key not in self._owned
+            not known
             and not meta.get("deletionTimestamp")
             and obj.get("status", {}).get("phase") == "Pending"
         ):
@@ -104,25 +124,33 @@ class TestKubelet:
             if (ns, name) not in self._waiting:
                 self._waiting[(ns, name)] = pod
                 message = f'persistentvolumeclaim "{missing[0]}" not found'
-                self._write_status(ns, name, {"conditions": [
-                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
-                     "lastTransitionTime": now_rfc3339()}]})  # fmt: skip
+                condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                             "message": message, "lastTransitionTime": now_rfc3339()}  # fmt: skip
+                self._write_status(ns, name, pod["metadata"]["uid"], {"conditions": [condition]})
             return
         self._waiting.pop((ns, name), None)
-        local = local_name(ns, name)
+        base = local = local_name(ns, name)
+        n = 1
+        while local in self._by_local:  # the previous pod of this name is still terminating
+            n += 1
+            local = f"{base}~{n}"
         self._owned[(ns, name)] = local
+        self._by_local[local] = (ns, name, pod["metadata"]["uid"])
+        self._locks[local] = threading.Lock()
         manifest = copy.deepcopy(pod)
         manifest["metadata"]["name"] = local
-        self._thread(self._start_blocking, ns, name, manifest)
+        self._thread(self._start_blocking, manifest)
 
-    def _write_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        if self.emulator.get_object(self._pods_res, ns, name) is not None:
+    def _write_status(self, ns: str, name: str, uid: str, status: dict[str, Any]) -> None:
+        pod = self.emulator.get_object(self._pods_res, ns, name)
+        if pod is not None and pod["metadata"]["uid"] == uid:
             self.emulator.patch_object(self._pods_res, ns, name, {"status": status}, subresource="status")
 
-    def _sync(self, ns: str, name: str, local: str) -> None:
+    def _sync(self, local: str) -> None:
         """Copy the executor's view of the pod into its API status."""
+        owner = self._by_local.get(local)
         observed = self.executor.status(local)
-        if observed is None:
+        if owner is None or observed is None:
             return
         ready = observed["phase"] == "Running"
         status: dict[str, Any] = {
@@ -140,7 +168,7 @@ class TestKubelet:
             status.update(phase="Failed", reason="Evicted", message=EVICTION_MESSAGE)
             status["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
                                          "message": EVICTION_MESSAGE, "lastTransitionTime": now_rfc3339()})  # fmt: skip
-        self._write_status(ns, name, status)
+        self._write_status(*owner, status)
 
     # -- threads ---------------------------------------------------------------------------------
 
@@ -151,68 +179,78 @@ class TestKubelet:
 
     def _in_loop(self, fn: Any, *args: Any) -> None:
         if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(fn, *args)
+            with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+                self.loop.call_soon_threadsafe(fn, *args)
 
-    def _start_blocking(self, ns: str, name: str, manifest: dict[str, Any]) -> None:
-        if self._closed:
-            return
-        self.executor.start(manifest)
-        self._in_loop(self._bind_and_sync, ns, name, manifest["metadata"]["name"])
+    def _start_blocking(self, manifest: dict[str, Any]) -> None:
+        local = manifest["metadata"]["name"]
+        with self._locks[local]:
+            if self._closed or local in self._cancelled:
+                return
+            self.executor.start(manifest)
+        self._in_loop(self._bind_and_sync, local)
 
-    def _bind_and_sync(self, ns: str, name: str, local: str) -> None:
-        pod = self.emulator.get_object(self._pods_res, ns, name)
-        if pod is not None and not pod.get("spec", {}).get("nodeName"):
+    def _bind_and_sync(self, local: str) -> None:
+        ns, name, uid = self._by_local.get(local, ("", "", ""))
+        pod = self.emulator.get_object(self._pods_res, ns, name) if ns else None
+        if pod is not None and pod["metadata"]["uid"] == uid and not pod.get("spec", {}).get("nodeName"):
             self.emulator.patch_object(self._pods_res, ns, name, {"spec": {"nodeName": NODE_NAME}})
-        self._sync(ns, name, local)
+        self._sync(local)
 
     def _exited(self, local: str) -> None:  # the executor's callback, from its reaper thread
-        self._in_loop(self._exited_in_loop, local)
+        self._in_loop(self._sync, local)
 
-    def _exited_in_loop(self, local: str) -> None:
-        for (ns, name), owned in list(self._owned.items()):
-            if owned == local:
-                self._sync(ns, name, local)
+    def _terminate_blocking(self, local: str, grace_seconds: float) -> None:
+        with self._locks[local]:
+            if self.executor.status(local) is not None:
+                self.executor.signal(local, signal.SIGTERM)
+                if not self.executor.wait(local, grace_seconds):
+                    self.executor.signal(local, signal.SIGKILL)
+                    self.executor.wait(local, 10)
+        self._in_loop(self._finish_deletion, local)
 
-    def _terminate_blocking(self, ns: str, name: str, local: str, grace_seconds: float) -> None:
-        if self.executor.status(local) is not None:
-            self.executor.signal(local, signal.SIGTERM)
-            if not self.executor.wait(local, grace_seconds):
-                self.executor.signal(local, signal.SIGKILL)
-                self.executor.wait(local, 10)
-        self._in_loop(self._finish_deletion, ns, name, local)
-
-    def _finish_deletion(self, ns: str, name: str, local: str) -> None:
-        self._sync(ns, name, local)
-        self._owned.pop((ns, name), None)
-        self._thread(self.executor.delete, local, 0)
-        self.emulator.finish_pod_deletion(ns, name)
+    def _finish_deletion(self, local: str) -> None:
+        self._sync(local)
+        self.executor.delete(local, 0)  # the process is gone: this only forgets it
+        ns, name, uid = self._by_local.pop(local)
+        self._locks.pop(local, None)
+        self._cancelled.discard(local)
+        self._evicted.discard(local)
+        self.emulator.finish_pod_deletion(ns, name, uid)
 
     # -- the tests' side (any thread) ------------------------------------------------------------
 
     def kill(self, name: str, sig: int = signal.SIGKILL, namespace: str = "default") -> None:
         """Deliver a signal to the pod's process (SIGKILL: the whole container), as a node would."""
-        self.executor.signal(local_name(namespace, name), sig)
+        self.executor.signal(self._local_of(namespace, name), sig)
 
     def oom_kill(self, name: str, namespace: str = "default") -> None:
         """Kill the pod as the kernel OOM killer does: exit 137, reason OOMKilled."""
-        self.executor.oom_kill(local_name(namespace, name))
+        self.executor.oom_kill(self._local_of(namespace, name))
 
     def evict(self, name: str, namespace: str = "default", grace_seconds: float = 0) -> None:
         """Node-pressure eviction: stop the pod, then phase Failed, reason Evicted (the pod stays)."""
-        local = local_name(namespace, name)
+        local = self._local_of(namespace, name)
         self._evicted.add(local)
         self.executor.signal(local, signal.SIGTERM)
         if not self.executor.wait(local, grace_seconds):
             self.executor.signal(local, signal.SIGKILL)
             self.executor.wait(local, 10)
-        self._in_loop(self._sync, namespace, name, local)
+        self._in_loop(self._sync, local)
 
     def workspace(self, claim: str) -> Path:
         """The local directory standing for PersistentVolumeClaim `claim`."""
         return self.executor.pvc_dir(claim)
 
+    def started(self, name: str, namespace: str = "default") -> bool:
+        """Has the pod's process been started (it may have ended since)?"""
+        try:
+            return self.executor.status(self._local_of(namespace, name)) is not None
+        except KeyError:
+            return False
+
     def local_logs(self, name: str, namespace: str = "default", tail_lines: int | None = None) -> str:
-        return self.executor.logs(local_name(namespace, name), tail_lines)
+        return self.executor.logs(self._local_of(namespace, name), tail_lines)
 
     def running(self) -> list[str]:
         """Local names of pods whose processes are still running."""

@@ -251,9 +251,7 @@ GRACEFUL = """
 def test_pod_deletion_is_graceful_and_reports_the_final_state(kube: Cluster, kubelet: TestKubelet) -> None:
     kube.create(pod_manifest("graceful", GRACEFUL))
     kube.wait_for(
-        lambda: (
-            "training" in kubelet.local_logs("graceful") if kubelet.executor.status("graceful") else False
-        ),
+        lambda: kubelet.started("graceful") and "training" in kubelet.local_logs("graceful"),
         20,
     )
     code, body = http(kube, "DELETE", f"{PODS}/graceful")
@@ -398,3 +396,18 @@ def test_tiny_operator_full_loop_restart_and_clean_shutdown(
     ]
     assert not leftover
     assert kubelet.running() == []  # leftover processes are also checked by the kube fixture's teardown
+
+
+def test_force_delete_then_same_name_pod_runs_as_a_new_incarnation(
+    kube: Cluster, kubelet: TestKubelet
+) -> None:
+    kube.create(pod_manifest("again", GRACEFUL))
+    kube.wait_for(lambda: kubelet.started("again") and "training" in kubelet.local_logs("again"), 20)
+    first_uid = kube.pod("again")["metadata"]["uid"]
+    code, _ = http(kube, "DELETE", f"{PODS}/again?gracePeriodSeconds=0")
+    assert code == 200 and kube.pod("again") is None  # force delete: gone from the API at once
+    kube.create(pod_manifest("again", "print('second incarnation')"))
+    term = kube.wait_for(lambda: terminated(kube.pod("again")), 20, what="the new pod to finish")
+    assert term["exitCode"] == 0 and kube.pod("again")["metadata"]["uid"] != first_uid
+    assert http(kube, "GET", f"{PODS}/again/log") == (200, "second incarnation\n")
+    kube.wait_for(lambda: kubelet.running() == [], 10, what="the old incarnation to be killed")
