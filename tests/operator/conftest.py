@@ -20,10 +20,16 @@ from kubelet_sim import TestKubelet
 
 
 @pytest.fixture
-def kube(tmp_path: Path) -> Iterator[Cluster]:
+def kube_options() -> dict[str, Any]:
+    """Keyword arguments for `Cluster` (override in a module, e.g. `{"bin_dir": shim_dir}` for a fake worker)."""
+    return {}
+
+
+@pytest.fixture
+def kube(tmp_path: Path, kube_options: dict[str, Any]) -> Iterator[Cluster]:
     """A running emulated API server with the FineTuneJob resource, namespace `default` and a test kubelet."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    cluster = Cluster(tmp_path / "cluster").start()
+    cluster = Cluster(tmp_path / "cluster", **kube_options).start()
     try:
         yield cluster
     finally:
@@ -64,4 +70,4 @@ def run_operator(kube: Cluster) -> Iterator[Callable[..., contextlib.AbstractCon
     assert not leftovers, f"operator threads left running: {leftovers}"
 
 
-__all__ = ["harness", "kube", "kubelet", "run_operator"]
+__all__ = ["harness", "kube", "kube_options", "kubelet", "run_operator"]

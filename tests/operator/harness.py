@@ -422,6 +422,21 @@ def start_cluster_and_operator(
     return cluster, runner, stop
 
 
+def make_bin_dir(path: Path, scripts: dict[str, Path]) -> Path:
+    """A directory of executables for `Cluster(bin_dir=...)`: each name runs its Python script with this venv.
+
+    E.g. `make_bin_dir(tmp / "bin", {"finetune-worker": Path("tests/operator/fake_worker.py")})` makes the
+    kubelet run a stand-in worker wherever a pod's command says `finetune-worker`.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    for name, script in scripts.items():
+        shim = path / name
+        shim.write_text(f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = {str(script)!r}\n"
+                        f"runpy.run_path({str(Path(script).resolve())!r}, run_name='__main__')\n")  # fmt: skip
+        shim.chmod(0o755)
+    return path
+
+
 def finetune_job(name: str, spec: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
     """A FineTuneJob manifest."""
     return {

@@ -411,3 +411,22 @@ def test_force_delete_then_same_name_pod_runs_as_a_new_incarnation(
     assert term["exitCode"] == 0 and kube.pod("again")["metadata"]["uid"] != first_uid
     assert http(kube, "GET", f"{PODS}/again/log") == (200, "second incarnation\n")
     kube.wait_for(lambda: kubelet.running() == [], 10, what="the old incarnation to be killed")
+
+
+def test_make_bin_dir_shims_a_command_for_the_kubelet(tmp_path: Path) -> None:
+    script = tmp_path / "fake.py"
+    script.write_text("import sys; print('fake', *sys.argv[1:]); sys.exit(4)")
+    from harness import make_bin_dir
+
+    with Cluster(tmp_path / "c", bin_dir=make_bin_dir(tmp_path / "bin", {"finetune-worker": script})) as kube:
+        pod = pod_manifest("shimmed", "")
+        pod["spec"]["containers"][0].update(
+            command=["finetune-worker", "train"], args=["--workspace", "/workspace"]
+        )
+        kube.create(pod)
+        term = kube.wait_for(lambda: terminated(kube.pod("shimmed")), 20)
+        assert term["exitCode"] == 4
+        assert (
+            kube.kubelet is not None
+            and kube.kubelet.local_logs("shimmed") == "fake train --workspace /workspace\n"
+        )
