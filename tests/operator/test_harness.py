@@ -430,3 +430,35 @@ def test_make_bin_dir_shims_a_command_for_the_kubelet(tmp_path: Path) -> None:
             kube.kubelet is not None
             and kube.kubelet.local_logs("shimmed") == "fake train --workspace /workspace\n"
         )
+
+
+def test_resource_comes_from_the_crd_file_when_there_is_one(tmp_path: Path) -> None:
+    import yaml
+
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{contract.PLURAL}.{contract.GROUP}"},
+        "spec": {
+            "group": contract.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "plural": contract.PLURAL,
+                "singular": "finetunejob",
+                "kind": contract.KIND,
+                "shortNames": ["ftj"],
+            },
+            "versions": [
+                {"name": contract.VERSION, "served": True, "storage": True, "subresources": {"status": {}}}
+            ],
+        },
+    }
+    path = tmp_path / "crd.yaml"
+    path.write_text(yaml.safe_dump(crd))
+    with Cluster(tmp_path / "c", kubelet=False, crd_path=path) as kube:
+        code, listed = http(kube, "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+        assert code == 200 and [c["metadata"]["name"] for c in listed["items"]] == [crd["metadata"]["name"]]
+        code, discovery = http(kube, "GET", f"/apis/{contract.API_VERSION}")
+        names = {r["name"]: r for r in discovery["resources"]}
+        assert f"{contract.PLURAL}/status" in names and names[contract.PLURAL]["shortNames"] == ["ftj"]
+        assert names[contract.PLURAL]["namespaced"] is True
