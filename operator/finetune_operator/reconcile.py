@@ -72,7 +72,7 @@ class Plan:
     delete_job: bool = False
     permanent_error: str | None = None  # invalid object: handlers raise kopf.PermanentError
     phase: str = S.PHASE_PENDING
-    ended: list[str] = field(default_factory=list)  # results of attempts that ended in this pass
+    ended: list[tuple[str, str]] = field(default_factory=list)  # (role, result) of attempts ended in this pass
 
 
 def parse_time(text: str | None) -> dt.datetime | None:
@@ -270,7 +270,7 @@ def _close(p: _Pass, rec: dict[str, Any], pod: PodObservation | None) -> None:
         st["export"] = {k: summary[k] for k in ("export", "formats", "maxDeviation", "metrics") if k in summary}
         if "export" in st["export"]:
             st["export"]["path"] = st["export"].pop("export")
-    p.plan.ended.append(str(result))
+    p.plan.ended.append((str(rec.get("role")), str(result)))
     if result in INTERRUPTIONS and not rec.get("suspended"):
         st["preemptions"] += 1
     if result in (RESULT_FAILED, RESULT_OOMKILLED):

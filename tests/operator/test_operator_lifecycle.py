@@ -1,0 +1,165 @@
+"""The real kopf operator against the emulated API, pods run as local processes by the test kubelet.
+
+These tests use tests/operator/fake_worker.py as `finetune-worker` (the worker contract without
+torch: progress lines, checkpoints, exit 75 on SIGTERM, summaries) to exercise the operator's
+decisions in seconds; test_operator_real_worker.py runs the same lifecycle with real training.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Cluster, OperatorRunner, finetune_job
+
+from finetune_operator import contract
+
+pytestmark = pytest.mark.operator
+FAKE = Path(__file__).with_name("fake_worker.py")
+FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "0.5", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",
+            "FINETUNE_GRACE_SECONDS": "10", "FINETUNE_TIMER_TICK": "0.25"}  # fmt: skip
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir()
+    script = d / "finetune-worker"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    script.chmod(0o755)
+    return d
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    for k, v in FAST_ENV.items():
+        monkeypatch.setenv(k, v)
+    c = Cluster(tmp_path / "cluster", bin_dir=fake_bin).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def operator(cluster: Cluster) -> Iterator[OperatorRunner]:
+    runner = OperatorRunner(cluster.url).start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+def spec(**over: Any) -> dict[str, Any]:
+    base = {
+        "model": {"base": "builtin:all-MiniLM-L6-v2"},
+        "dataset": {"inline": [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]},
+        "training": {"maxSteps": 20, "checkpoint": {"everySteps": 5}},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        "backoffLimit": 2,
+    }
+    base.update(over)
+    return base
+
+
+def configure(cluster: Cluster, claim: str, **cfg: Any) -> None:
+    ws = cluster.kubelet.workspace(claim)
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "fake-worker.json").write_text(json.dumps(cfg))
+
+
+def status(cluster: Cluster, name: str) -> dict[str, Any]:
+    job = cluster.job(name)
+    return (job or {}).get("status") or {}
+
+
+def wait_phase(cluster: Cluster, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    return cluster.wait_for(lambda: (s := status(cluster, name)).get("phase") == phase and s, timeout,
+                            what=f"{name} phase {phase} (now {status(cluster, name).get('phase')}: "
+                                 f"{status(cluster, name).get('message')})")  # fmt: skip
+
+
+def cond(st: dict[str, Any], type_: str) -> str:
+    return next(c["status"] for c in st["conditions"] if c["type"] == type_)
+
+
+def reasons(cluster: Cluster, name: str) -> list[str]:
+    return [e["reason"] for e in cluster.events(involved_name=name) if e.get("source", {}).get("component") == "finetune-operator"]
+
+
+def test_kill_resume_export_succeed(cluster: Cluster, operator: OperatorRunner) -> None:
+    configure(cluster, "job1-workspace", steps=40, stepSeconds=0.1)
+    cluster.create(finetune_job("job1", spec(training={"maxSteps": 40, "checkpoint": {"everySteps": 5}})))
+    st = wait_phase(cluster, "job1", "Training")
+    pod = cluster.pod("job1-train-1")
+    assert pod["metadata"]["ownerReferences"][0]["name"] == "job1"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert cluster.get("v1", "persistentvolumeclaims", "default", "job1-workspace") is not None
+    cluster.wait_for(lambda: (status(cluster, "job1").get("checkpoint") or {}).get("step", 0) >= 10, 30, what="checkpoint-10")
+    cluster.kubelet.kill("job1-train-1", signal.SIGKILL)
+    cluster.wait_for(lambda: cluster.pod("job1-train-2"), 30, what="second training pod")
+    st = wait_phase(cluster, "job1", "Succeeded", 60)
+    first, second = st["attempts"][0], st["attempts"][1]
+    assert (first["result"], first["exitCode"]) == ("failed", 137)
+    assert second["resumedFrom"] and second["resumedFrom"].startswith("checkpoint-") and second["result"] == "completed"
+    assert st["failures"] == 1 and st["restarts"] == 1 and st["progress"]["percent"] == 100.0
+    assert st["export"]["path"].endswith("export") and cond(st, "Succeeded") == "True"
+    assert st["observedGeneration"] == 1 and st["startTime"] and st["completionTime"]
+    seen = reasons(cluster, "job1")
+    for r in ("Started", "Training", "AttemptFailed", "Resumed", "ExportStarted", "Succeeded"):
+        assert r in seen, (r, seen)
+
+
+def test_backoff_exhaustion_fails_with_reason(cluster: Cluster, operator: OperatorRunner) -> None:
+    configure(cluster, "bad-workspace", train="fail")
+    cluster.create(finetune_job("bad", spec(backoffLimit=1)))
+    st = wait_phase(cluster, "bad", "Failed", 60)
+    assert st["reason"] == "BackoffLimitExceeded" and "injected failure" in st["message"]
+    assert [a["result"] for a in st["attempts"]] == ["failed", "failed"] and cond(st, "Failed") == "True"
+    assert "BackoffLimitExceeded" in reasons(cluster, "bad")
+
+
+def test_suspend_and_resume(cluster: Cluster, operator: OperatorRunner) -> None:
+    configure(cluster, "sus-workspace", steps=200, stepSeconds=0.05)
+    cluster.create(finetune_job("sus", spec()))
+    wait_phase(cluster, "sus", "Training")
+    cluster.wait_for(lambda: status(cluster, "sus").get("checkpoint"), 30, what="a checkpoint")
+    cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "sus", {"spec": {"suspend": True}})
+    st = cluster.wait_for(lambda: (s := status(cluster, "sus")).get("reason") == "Suspended" and s, 30, what="suspended")
+    assert st["phase"] == "Suspended" and cond(st, "Suspended") == "True"
+    assert st["attempts"][0]["result"] == "preempted" and st["attempts"][0]["exitCode"] == 75
+    assert cluster.pod("sus-train-1") is None and st["preemptions"] == 0
+    stopped_at = st["checkpoint"]["name"]
+    cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "sus", {"spec": {"suspend": False}})
+    st = wait_phase(cluster, "sus", "Succeeded", 60)
+    assert st["attempts"][1]["resumedFrom"] == stopped_at and cond(st, "Suspended") == "False"
+
+
+def test_operator_restart_mid_job_adopts_without_duplicates(cluster: Cluster, operator: OperatorRunner) -> None:
+    configure(cluster, "rs-workspace", steps=60, stepSeconds=0.1)
+    cluster.create(finetune_job("rs", spec()))
+    wait_phase(cluster, "rs", "Training")
+    operator.stop()
+    operator.start()
+    st = wait_phase(cluster, "rs", "Succeeded", 90)
+    train_pods = [p["metadata"]["name"] for p in cluster.pods(label_selector="finetune.dev/job=rs,finetune.dev/role=train")]
+    assert train_pods == ["rs-train-1"] and len(st["attempts"]) == 2 and st["restarts"] == 0
+
+
+def test_invalid_object_beside_a_valid_one(cluster: Cluster, operator: OperatorRunner) -> None:
+    configure(cluster, "good-workspace", steps=5)
+    cluster.create(finetune_job("broken", spec(training={"learningRate": -1.0})))
+    cluster.create(finetune_job("good", spec()))
+    st = wait_phase(cluster, "broken", "Failed", 30)
+    assert st["reason"] == "InvalidSpec" and "spec.training.learningRate" in st["message"]
+    assert cond(st, "Failed") == "True" and cluster.pods(label_selector="finetune.dev/job=broken") == []
+    wait_phase(cluster, "good", "Succeeded", 60)
+    # the user fixes the spec: the job runs
+    cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "broken", {"spec": {"training": {"learningRate": 1e-4}}})
+    configure(cluster, "broken-workspace", steps=5)
+    wait_phase(cluster, "broken", "Succeeded", 60)
