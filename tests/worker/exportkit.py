@@ -89,3 +89,12 @@ def full_workspace(workspace: Path, base_dir: Path, seed: int = 3) -> Path:
     st.save(str(final))
     (final / "training.json").write_text(json.dumps(training_json(str(base_dir), lora=False)))
     return workspace
+
+
+def bf16_copy(model_dir: Path, out: Path) -> Path:
+    """The same sentence-transformers model with bf16 weights."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    SentenceTransformer(str(model_dir), device="cpu").to(torch.bfloat16).save(str(out))
+    return out

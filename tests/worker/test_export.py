@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from exportkit import full_workspace, lora_workspace, make_adapter, spec
+from exportkit import bf16_copy, full_workspace, lora_workspace, make_adapter, spec
 
 pytestmark = pytest.mark.worker
 REPO = Path(__file__).resolve().parents[2]
@@ -147,6 +146,18 @@ def test_named_checkpoint_export(tiny_model: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in (ws / "export").iterdir()) == ["huggingface", "metadata.json"]
 
 
+def test_bf16_export_is_verified_by_cosine(tiny_model: Path, tmp_path: Path) -> None:
+    base = bf16_copy(tiny_model, tmp_path / "bf16")
+    ws = lora_workspace(tmp_path / "ws", base)
+    assert _run(spec(base, export={"formats": ["sentence-transformers"]}), ws) == 0
+    meta = json.loads((ws / "export" / "metadata.json").read_text())
+    assert meta["verify"]["lowPrecision"] is True and meta["verify"]["minCosine"] >= 0.999
+    index = ws / "export" / "sentence-transformers" / "model.safetensors"
+    from finetune_worker.export.safeio import read_header
+
+    assert {t.dtype for t in read_header(index)[0].values()} == {"BF16"}  # exported in the base's dtype
+
+
 def test_missing_target_fails_loudly_with_nothing_written(tiny_model: Path, tmp_path: Path, termlog: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -169,9 +180,9 @@ def test_verification_catches_a_broken_merge(bug: str, tiny_model: Path, tmp_pat
 
     real = merge.delta
     if bug == "no-op":  # what `_hf_peft_config_loaded = False` without a merge does: the base weights
-        monkeypatch.setattr(merge, "delta", lambda t, dtype: real(t, dtype) * 0)
+        monkeypatch.setattr(merge, "delta", lambda t: real(t) * 0)
     else:
-        monkeypatch.setattr(merge, "delta", lambda t, dtype: real(t, dtype) * 2)
+        monkeypatch.setattr(merge, "delta", lambda t: real(t) * 2)
     ws = lora_workspace(tmp_path / "ws", tiny_model)
     assert _run(spec(tiny_model), ws) == 1
     message = json.loads(termlog.read_text())["message"]

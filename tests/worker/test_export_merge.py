@@ -98,6 +98,7 @@ def test_fan_in_fan_out_conv1d(tmp_path: Path) -> None:
 
 def test_dora_is_named_unsupported_and_rank_mismatch_refused(tiny_model: Path, tmp_path: Path) -> None:
     from exportkit import make_adapter
+
     from finetune_worker.export import merge
 
     adapter = make_adapter(tiny_model, tmp_path / "dora", use_dora=True)
@@ -108,3 +109,22 @@ def test_dora_is_named_unsupported_and_rank_mismatch_refused(tiny_model: Path, t
     config, state = merge.load_adapter(adapter)
     with pytest.raises(merge.InvalidInput, match="rank mismatch"):
         merge.plan_merge({**config, "r": 8}, state, merge.base_tensors(tiny_model))
+
+
+@pytest.fixture
+def bf16_model(tiny_model: Path, tmp_path: Path) -> Path:
+    from exportkit import bf16_copy
+
+    return bf16_copy(tiny_model, tmp_path / "tiny-bf16")
+
+
+def test_bf16_base_merges_like_peft(bf16_model: Path, tmp_path: Path) -> None:
+    """bf16 weights: the delta is computed in fp32 and cast, as peft does on CPU, so results match exactly."""
+    from exportkit import make_adapter
+
+    from finetune_worker.export import merge
+
+    assert {t.dtype for t in merge.base_tensors(bf16_model).values()} == {"BF16"}
+    adapter = make_adapter(bf16_model, tmp_path / "adapter")
+    streamed, reference, _ = _merge_both(bf16_model, adapter, tmp_path)
+    _assert_same(streamed, reference, bf16_model)

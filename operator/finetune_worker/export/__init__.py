@@ -13,7 +13,6 @@ failed evaluation gate (permanent); 1 anything else (retried by the operator).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -79,7 +78,7 @@ def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | N
         return _fail(EXIT_INVALID, RESULT_INVALID, str(e), metrics=_headline(e.metrics))
     except VerificationFailed as e:
         return _fail(EXIT_FAILED, RESULT_FAILED, f"export verification failed: {e}")
-    except Exception as e:  # noqa: BLE001 - the pod must always leave a summary
+    except Exception as e:
         traceback.print_exc()
         return _fail(EXIT_FAILED, RESULT_FAILED, f"export failed: {type(e).__name__}: {e}")
     finally:

@@ -166,12 +166,16 @@ def plan_merge(config: dict[str, Any], state: dict[str, Any], base: dict[str, Te
     return plan
 
 
-def delta(target: Target, dtype: Any) -> Any:
-    """peft's get_delta_weight: fp32 on CPU, then cast to the weight's dtype."""
+def delta(target: Target) -> Any:
+    """peft's get_delta_weight in fp32 (peft keeps adapter weights in fp32: autocast_adapter_dtype).
+
+    Left in fp32: `weight += delta` on a bf16/fp16 weight then adds in fp32 and rounds once, exactly
+    as peft's `base_layer.weight.data += delta_weight` does.
+    """
     out = target.b.float() @ target.a.float()
     if target.transpose:
         out = out.T
-    return (out * target.scaling).to(dtype)
+    return out * target.scaling
 
 
 def _dot_natural_key(s: str) -> list[tuple[Any, ...]]:
@@ -248,7 +252,7 @@ def stream_merge(base_dir: Path, plan: MergePlan, out_dir: Path, max_shard_bytes
     weight_map: dict[str, str] = {}
     fds: dict[Path, int] = {}
     try:
-        for i, (name, shard) in enumerate(zip(names, shards)):
+        for i, (name, shard) in enumerate(zip(names, shards, strict=True)):
             writer = ShardWriter(out_dir / name, [(k, base[k].dtype, base[k].shape, base[k].nbytes) for k in shard])
             try:
                 for k in writer.order:
@@ -260,7 +264,7 @@ def stream_merge(base_dir: Path, plan: MergePlan, out_dir: Path, max_shard_bytes
                         writer.put_tensor(k, plan.replacements[k].to(_torch_dtype(info.dtype)))
                     elif k in plan.targets:
                         w = read_tensor(info, fd)
-                        w += delta(plan.targets[k], w.dtype)
+                        w += delta(plan.targets[k])
                         writer.put_tensor(k, w)
                         del w
                     else:

@@ -104,7 +104,8 @@ def read_tensor(info: TensorInfo, fd: int | None = None) -> Any:
 
 def load_file(path: Path) -> dict[str, Any]:
     """Load a whole safetensors file on CPU; on errno 19 (no mmap here) read it into memory."""
-    from safetensors.torch import load, load_file as mmap_load
+    from safetensors.torch import load
+    from safetensors.torch import load_file as mmap_load
 
     try:
         return mmap_load(str(path), device="cpu")
