@@ -55,7 +55,7 @@ def run_operator(kube: Cluster) -> Iterator[Callable[..., contextlib.AbstractCon
 
     @contextlib.contextmanager
     def start(**kwargs: Any) -> Iterator[OperatorRunner]:
-        runner = OperatorRunner(kube.url, **kwargs)
+        runner = OperatorRunner(kube.url, cluster=kube, **kwargs)
         runners.append(runner)
         runner.start()
         try:

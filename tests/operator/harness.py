@@ -248,6 +248,10 @@ class Cluster:
     ) -> list[dict[str, Any]]:
         return self.list("v1", "pods", namespace, label_selector)
 
+    def watches_opened(self, api_version: str, plural: str) -> int:
+        """How many watch streams on the resource were opened so far (to know an operator is watching)."""
+        return self.call(lambda: self.api.watches_opened[self._res(api_version, plural).key])
+
     @staticmethod
     def wait_for(
         predicate: Callable[[], T], timeout: float = 30, interval: float = 0.05, what: str = ""
@@ -304,13 +308,16 @@ class OperatorRunner:
         namespaces: namespaces to serve; `clusterwide=True` serves them all.
         configure: called with the OperatorSettings after `fast_settings` (tests tune timers here).
         memo: kopf's memo object (handlers get it as `memo`).
+        cluster: when given, `start()` also waits until the new operator watches FineTuneJobs (kopf's own
+            ready flag comes before its watch streams open), so a test's next create is seen as an event.
     """
 
     def __init__(
         self, url: str, *, registry: Any = None, namespaces: tuple[str, ...] = ("default",), clusterwide: bool = False,
-        configure: Callable[[Any], None] | None = None, memo: Any = None,
+        configure: Callable[[Any], None] | None = None, memo: Any = None, cluster: Cluster | None = None,
     ) -> None:  # fmt: skip
         self.url = url
+        self._cluster = cluster
         self._registry = registry
         self._namespaces = () if clusterwide else namespaces
         self._clusterwide = clusterwide
@@ -338,6 +345,9 @@ class OperatorRunner:
             raise RuntimeError("the operator is already running")
         registry = self._resolve_registry()
         _ensure_login(registry, self.url)
+        watched_before = (
+            self._cluster.watches_opened(contract.API_VERSION, contract.PLURAL) if self._cluster else 0
+        )
         os.environ[KUBE_SERVER_ENV] = self.url
         settings = kopf.OperatorSettings()
         fast_settings(settings)
@@ -366,6 +376,15 @@ class OperatorRunner:
             raise TimeoutError(f"the operator was not ready within {timeout}s")
         if self.error is not None:
             raise RuntimeError(f"the operator failed to start: {self.error!r}") from self.error
+        if self._cluster is not None:
+            cluster = self._cluster
+            cluster.wait_for(
+                lambda: self.error is not None
+                or cluster.watches_opened(contract.API_VERSION, contract.PLURAL) > watched_before,
+                timeout, what="the operator to watch FineTuneJobs",
+            )  # fmt: skip
+            if self.error is not None:
+                raise RuntimeError(f"the operator crashed while starting: {self.error!r}") from self.error
         return self
 
     @property
@@ -393,7 +412,7 @@ class OperatorRunner:
 @contextlib.contextmanager
 def run_operator(cluster: Cluster, **kwargs: Any) -> Iterator[OperatorRunner]:
     """The real operator against `cluster` for the duration of the block (kwargs: see OperatorRunner)."""
-    runner = OperatorRunner(cluster.url, **kwargs).start()
+    runner = OperatorRunner(cluster.url, cluster=cluster, **kwargs).start()
     try:
         yield runner
     finally:
@@ -407,7 +426,7 @@ def start_cluster_and_operator(
     cluster = Cluster(root, kubelet=kubelet).start()
     runner = None
     try:
-        runner = OperatorRunner(cluster.url, **operator_kwargs).start() if operator else None
+        runner = OperatorRunner(cluster.url, cluster=cluster, **operator_kwargs).start() if operator else None
     except BaseException:
         cluster.stop()
         raise

@@ -154,6 +154,9 @@ class FixedKubernetesEmulator(kmock.KubernetesEmulator):
     _watches: dict[tuple[str, str, str], list[_Watch]] = attrs.field(factory=dict, init=False)
     _listeners: list[Callable[[Res, str, dict[str, Any]], None]] = attrs.field(factory=list, init=False)
     _rv: int = attrs.field(default=1000, init=False)
+    watches_opened: collections.Counter[tuple[str, str, str]] = attrs.field(
+        factory=collections.Counter, init=False
+    )
     kubelet: Kubelet | None = attrs.field(default=None, init=False)
     keep_history: bool = True
 
@@ -581,6 +584,7 @@ class FixedKubernetesEmulator(kmock.KubernetesEmulator):
             else:
                 initial = [e for rv, e in buffered if rv > int(since) and watch.wants(e["object"])]
         self._watches[res.key].append(watch)  # no await since the snapshot: nothing is missed
+        self.watches_opened[res.key] += 1
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         try:
             await response.prepare(raw)
@@ -594,10 +598,14 @@ class FixedKubernetesEmulator(kmock.KubernetesEmulator):
                 left = None if deadline is None else deadline - asyncio.get_running_loop().time()
                 if left is not None and left <= 0:
                     break
-                try:
-                    event = await asyncio.wait_for(watch.queue.get(), left)
+                try:  # wake up every second to notice clients that went away (aiohttp won't cancel us)
+                    event = await asyncio.wait_for(
+                        watch.queue.get(), min(left, 1.0) if left is not None else 1.0
+                    )
                 except TimeoutError:
-                    break
+                    if raw.transport is None or raw.transport.is_closing():
+                        break
+                    continue
                 if event is None:  # the emulator is closing
                     break
                 await response.write(json.dumps(event).encode() + b"\n")
