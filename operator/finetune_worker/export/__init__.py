@@ -126,18 +126,16 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
 
     merge_info: dict[str, Any]
     reference_hf: Path
-    base_hf: Path | None = None
     need_weights = formats != ["adapter"]
     plan = None
     if result.lora:
         assert result.base_model is not None and result.adapter_dir is not None
-        base_hf = transformer_dir(Path(result.base_model))
-        base = merging.base_tensors(base_hf)
+        reference_hf = transformer_dir(Path(result.base_model))
+        base = merging.base_tensors(reference_hf)
         config, state = merging.load_adapter(result.adapter_dir)
         reason = merging.unsupported_reason(config, state, base)
         if reason is None:
             plan = merging.plan_merge(config, state, base)  # a missing target raises here: nothing written yet
-        reference_hf = base_hf
         scaffold = Path(result.base_model)
         tokenizer_src: Path | None = result.adapter_dir
     else:
@@ -193,7 +191,7 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
         adapter_for_check = (staging / "adapter") if "adapter" in formats else result.adapter_dir
         verify_info = verify_export(st_dir, spec, reference_hf=reference_hf,
                                     adapter_dir=adapter_for_check if result.lora else None,
-                                    base_hf=base_hf, hf_dir=hf_dir, low_precision=low_precision)
+                                    hf_dir=hf_dir, low_precision=low_precision)
         _stage("verified", maxDeviation=verify_info["maxDeviation"], baseDeviation=verify_info.get("baseDeviation"))
         if spec.export.evaluate is not None:
             from .evaluate import gate

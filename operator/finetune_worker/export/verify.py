@@ -110,7 +110,7 @@ def _hidden(model: Any, tokenizer: Any) -> Any:
 
 
 def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapter_dir: Path | None,
-                  base_hf: Path | None, hf_dir: Path | None, low_precision: bool) -> dict[str, Any]:
+                  hf_dir: Path | None, low_precision: bool) -> dict[str, Any]:
     """Run every check; return the figures for metadata. Raises VerificationFailed.
 
     reference_hf: the HF weights the export must reproduce (the base for LoRA, the trained
