@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import re
 import shutil
 import signal as _signal
 import subprocess
@@ -41,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .podlocal import env_value, expand_vars, killpg, parse_memory_quantity, rewrite_path, tree_rss
+
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"  # read by finetune_worker.summary
 TERMINATION_MESSAGE_MAX_BYTES = 4096  # what the kubelet keeps of /dev/termination-log
 FALLBACK_LOG_LINES = 80  # FallbackToLogsOnError: the last 80 lines ...
@@ -48,29 +49,6 @@ FALLBACK_LOG_BYTES = 2048  # ... or 2 KiB, whichever is smaller (kubelet's limit
 EXIT_START_ERROR = 128  # what a runtime reports when the executable cannot be started
 MEMORY_POLL_SECONDS = 0.2
 DEFAULT_COMMAND = ("finetune-worker",)  # the worker image's ENTRYPOINT (DESIGN.md: one image, one script)
-
-_QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
-_SUFFIXES = {
-    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-}  # fmt: skip
-
-
-def parse_memory_quantity(value: str | int | float) -> int:
-    """Bytes of a Kubernetes memory quantity such as `16Gi`, `512M`, `1e9` or `1048576`.
-
-    Raises:
-        ValueError: the string is not a memory quantity.
-    """
-    text = str(value).strip()
-    try:
-        return int(float(text))  # plain numbers, including 1e9
-    except ValueError:
-        pass
-    m = _QUANTITY.match(text)
-    if not m or m.group(2) not in _SUFFIXES:
-        raise ValueError(f"not a memory quantity: {value!r}")
-    return int(float(m.group(1)) * _SUFFIXES[m.group(2)])
 
 
 def _now() -> str:
@@ -185,19 +163,21 @@ class LocalPodExecutor:
         env.pop(TERMINATION_LOG_ENV, None)
         container_env: dict[str, str] = {}
         for item in container.get("env") or []:
-            value = _env_value(item, pod)
+            value = env_value(item, pod)
             if value is not None:
-                container_env[item["name"]] = _rewrite(_expand(value, container_env), mounts)
+                container_env[item["name"]] = rewrite_path(expand_vars(value, container_env), mounts)
         env.update(container_env)
         command = container.get("command") or self.default_command
         argv = [
-            _rewrite(_expand(str(a), container_env), mounts)
+            rewrite_path(expand_vars(str(a), container_env), mounts)
             for a in [*command, *(container.get("args") or [])]
         ]
         env[TERMINATION_LOG_ENV] = str(record.dir / "termination-log")
         env.setdefault("PYTHONUNBUFFERED", "1")
         (record.dir / "termination-log").touch()
-        cwd = Path(_rewrite(container["workingDir"], mounts)) if container.get("workingDir") else record.dir
+        cwd = (
+            Path(rewrite_path(container["workingDir"], mounts)) if container.get("workingDir") else record.dir
+        )
         log = open(record.dir / "log", "wb")  # noqa: SIM115 - handed to the child, closed below
         try:
             if not argv:
@@ -267,9 +247,9 @@ class LocalPodExecutor:
                     p for p in self._pods.values() if p.memory_limit is not None and not p.done.is_set()
                 ]
             for record in running:
-                if record.proc is not None and _tree_rss(record.proc.pid) > (record.memory_limit or 0):
+                if record.proc is not None and tree_rss(record.proc.pid) > (record.memory_limit or 0):
                     record.reason = "OOMKilled"
-                    _killpg(record.proc.pid, _signal.SIGKILL)
+                    killpg(record.proc.pid, _signal.SIGKILL)
 
     # -- observation -----------------------------------------------------------------------------
 
@@ -357,7 +337,7 @@ class LocalPodExecutor:
         if record.proc is None or record.done.is_set():
             return
         if sig == _signal.SIGKILL:
-            _killpg(record.proc.pid, sig)
+            killpg(record.proc.pid, sig)
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record.proc.pid, sig)
@@ -367,7 +347,7 @@ class LocalPodExecutor:
         record = self._pods[name]
         if record.proc is not None and not record.done.is_set():
             record.reason = "OOMKilled"
-            _killpg(record.proc.pid, _signal.SIGKILL)
+            killpg(record.proc.pid, _signal.SIGKILL)
 
     def delete(self, name: str, grace_seconds: float = 30) -> None:
         """SIGTERM, wait up to `grace_seconds` for the process to exit, then SIGKILL; forget the pod."""
@@ -387,9 +367,9 @@ class LocalPodExecutor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record.proc.pid, _signal.SIGTERM)
             if not record.done.wait(max(0.0, grace_seconds)):
-                _killpg(record.proc.pid, _signal.SIGKILL)
+                killpg(record.proc.pid, _signal.SIGKILL)
                 record.done.wait(10)
-        _killpg(record.proc.pid, _signal.SIGKILL)  # leftovers in the group (a container's cgroup dies whole)
+        killpg(record.proc.pid, _signal.SIGKILL)  # leftovers in the group (a container's cgroup dies whole)
 
     def close(self) -> None:
         """Kill every pod still running and wait for them to be reaped."""
@@ -406,64 +386,6 @@ class LocalPodExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _rewrite(value: str, mounts: list[tuple[str, str]]) -> str:
-    """Map a container path (or `--flag=PATH`) equal to or under a mount path to the local directory."""
-    prefix, sep, path = value.partition("=") if value.startswith("-") else ("", "", value)
-    for mount, local in mounts:
-        if path == mount:
-            return prefix + sep + local
-        if path.startswith(mount + "/") or mount == "/":
-            return prefix + sep + local + "/" + path[len(mount) :].lstrip("/")
-    return value
-
-
-_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-
-
-def _expand(value: str, env: dict[str, str]) -> str:
-    """Kubernetes `$(VAR)` expansion in command, args and env values (`$$` escapes; unknown refs stay)."""
-
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        return env.get(m.group(1), m.group(0))
-
-    return _VAR_REF.sub(sub, value)
-
-
-def _env_value(item: dict[str, Any], pod: dict[str, Any]) -> str | None:
-    if "value" in item:
-        return str(item["value"])
-    ref = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
-    meta = pod.get("metadata") or {}
-    if ref in ("metadata.name", "metadata.namespace", "metadata.uid"):
-        return str(meta.get(ref.split(".", 1)[1], ""))
-    return None
-
-
-def _killpg(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and its descendants (Linux /proc; 0 where unavailable)."""
-    total, todo, seen = 0, [pid], set()
-    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

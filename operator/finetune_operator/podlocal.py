@@ -1,0 +1,93 @@
+"""Pure helpers for running Pod specs locally: quantities, path mapping, `$(VAR)` expansion, /proc.
+
+Used by executor.LocalPodExecutor; no kopf, no torch, no API client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+_QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+_SUFFIXES = {
+    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def parse_memory_quantity(value: str | int | float) -> int:
+    """Bytes of a Kubernetes memory quantity such as `16Gi`, `512M`, `1e9` or `1048576`.
+
+    Raises:
+        ValueError: the string is not a memory quantity.
+    """
+    text = str(value).strip()
+    try:
+        return int(float(text))  # plain numbers, including 1e9
+    except ValueError:
+        pass
+    m = _QUANTITY.match(text)
+    if not m or m.group(2) not in _SUFFIXES:
+        raise ValueError(f"not a memory quantity: {value!r}")
+    return int(float(m.group(1)) * _SUFFIXES[m.group(2)])
+
+
+def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
+    """Map a container path (or `--flag=PATH`) equal to or under a mount path to the local directory."""
+    prefix, sep, path = value.partition("=") if value.startswith("-") else ("", "", value)
+    for mount, local in mounts:
+        if path == mount:
+            return prefix + sep + local
+        if path.startswith(mount + "/") or mount == "/":
+            return prefix + sep + local + "/" + path[len(mount) :].lstrip("/")
+    return value
+
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand_vars(value: str, env: dict[str, str]) -> str:
+    """Kubernetes `$(VAR)` expansion in command, args and env values (`$$` escapes; unknown refs stay)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR_REF.sub(sub, value)
+
+
+def env_value(item: dict[str, Any], pod: dict[str, Any]) -> str | None:
+    if "value" in item:
+        return str(item["value"])
+    ref = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+    meta = pod.get("metadata") or {}
+    if ref in ("metadata.name", "metadata.namespace", "metadata.uid"):
+        return str(meta.get(ref.split(".", 1)[1], ""))
+    return None
+
+
+def killpg(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its descendants (Linux /proc; 0 where unavailable)."""
+    total, todo, seen = 0, [pid], set()
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
