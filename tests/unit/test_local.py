@@ -1,0 +1,92 @@
+"""`finetune-operator local`: the same reconcile driving local processes (with the contract-keeping
+fake worker from tests/operator; tests/worker/test_local_runner.py runs the real one)."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_operator.executor import wait_until
+from finetune_operator.local import LocalRunner, load_job, main
+from finetune_operator.reconcile import Settings
+
+FAKE = Path(__file__).parents[1] / "operator" / "fake_worker.py"
+FAST = Settings(worker_image="local", grace_seconds=10, backoff_base=0.1, backoff_max=0.2,
+                progress_interval=0.1, pending_interval=0.1)  # fmt: skip
+JOB = {
+    "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "demo"},
+    "spec": {"dataset": {"inline": [{"question": "q", "answer": "a"}]}, "resources": {"gpus": 0, "memory": "1Gi"},
+             "training": {"maxSteps": 12, "checkpoint": {"everySteps": 4}}, "backoffLimit": 1},
+}  # fmt: skip
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "finetune-worker").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    (d / "finetune-worker").chmod(0o755)
+    return d
+
+
+def runner(tmp_path: Path, fake_bin: Path, cfg: dict | None = None) -> tuple[LocalRunner, io.StringIO]:
+    f = tmp_path / "demo.yaml"
+    f.write_text(yaml.safe_dump(JOB))
+    out = io.StringIO()
+    work = tmp_path / "work"
+    if cfg is not None:
+        (work / "pvcs" / "demo-workspace").mkdir(parents=True)
+        (work / "pvcs" / "demo-workspace" / "fake-worker.json").write_text(json.dumps(cfg))
+    return LocalRunner(load_job(f), work, out=out, settings=FAST, bin_dir=fake_bin), out
+
+
+def test_runs_to_succeeded_printing_transitions_and_the_export_path(tmp_path: Path, fake_bin: Path) -> None:
+    r, out = runner(tmp_path, fake_bin)
+    assert r.run(timeout=60) == 0
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert lines[0].split() == ["NAME", "PHASE", "PROGRESS", "CHECKPOINT", "RESTARTS", "AGE"]
+    phases = [ln.split()[1] for ln in lines[1:] if ln.startswith("demo ") and not ln.split()[1].endswith(";")]
+    assert phases[0] == "Pending" and "Exporting" in phases and phases[-1] == "Succeeded"
+    assert "Training" in phases
+    export = tmp_path / "work" / "pvcs" / "demo-workspace" / "export"
+    assert f"exported model: {export}" in text and (export / "sentence-transformers").is_dir()
+    st = json.loads((tmp_path / "work" / "status.json").read_text())
+    assert st["phase"] == "Succeeded" and st["checkpoint"]["name"] == "checkpoint-12"
+
+
+def test_killed_worker_is_relaunched_and_resumes(tmp_path: Path, fake_bin: Path) -> None:
+    r, _ = runner(tmp_path, fake_bin, {"steps": 40, "stepSeconds": 0.05})
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(r.run(timeout=60)))
+    t.start()
+    assert wait_until(lambda: (r.job["status"].get("checkpoint") or {}).get("step", 0) >= 8, 30)
+    r.executor.signal("demo-train-1", signal.SIGKILL)
+    t.join(60)
+    assert result == [0]
+    attempts = r.job["status"]["attempts"]
+    assert attempts[0]["result"] == "failed" and attempts[1]["resumedFrom"].startswith("checkpoint-")
+    assert r.job["status"]["restarts"] == 1
+
+
+def test_failure_exits_1_with_the_reason(tmp_path: Path, fake_bin: Path) -> None:
+    r, out = runner(tmp_path, fake_bin, {"train": "fail"})
+    assert r.run(timeout=60) == 1
+    assert "BackoffLimitExceeded" in out.getvalue() and "injected failure" in out.getvalue()
+
+
+def test_invalid_file_is_refused_with_the_field(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump({**JOB, "spec": {**JOB["spec"], "backoffLimit": -1}}))
+    out = io.StringIO()
+    assert main(str(f), str(tmp_path / "w"), timeout=30, out=out) == 1
+    assert "spec.backoffLimit" in out.getvalue()
+    f.write_text("- just a list")
+    assert main(str(f), str(tmp_path / "w"), out=out) == 2
