@@ -301,3 +301,14 @@ def test_real_minilm_lora_export(tmp_path: Path) -> None:
     assert got.shape == (len(TEXTS), 384)
     assert (got - want).abs().max() <= 1e-5
     assert torch.allclose(got.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
+
+
+def test_unmerged_adapter_only_export(tiny_model: Path, tmp_path: Path) -> None:
+    ws = lora_workspace(tmp_path / "ws", tiny_model)
+    assert _run(spec(tiny_model, export={"merge": False, "formats": ["adapter"]}), ws) == 0
+    meta = json.loads((ws / "export" / "metadata.json").read_text())
+    assert meta["merge"]["method"].startswith("none") and meta["verify"]["baseDeviation"] > 1e-3
+    assert sorted(p.name for p in (ws / "export" / "adapter").iterdir())[:2] == ["README.md", "adapter_config.json"]
+    ws2 = lora_workspace(tmp_path / "ws2", tiny_model)  # unmerged + a merged format: refused, nothing written
+    assert _run(spec(tiny_model, export={"merge": False}), ws2) == 2
+    assert not (ws2 / "export").exists()

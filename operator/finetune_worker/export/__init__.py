@@ -198,8 +198,13 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
 
             metrics = gate(load_st(st_dir, spec), spec, workspace)
             _stage("evaluated", metrics=metrics)
-    elif spec.export.evaluate is not None:
-        raise InvalidInput("spec.export.evaluate needs a merged format (sentence-transformers or huggingface)")
+    else:
+        if spec.export.evaluate is not None:
+            raise InvalidInput("spec.export.evaluate needs a merged format (sentence-transformers or huggingface)")
+        from .verify import verify_adapter_only
+
+        verify_info = verify_adapter_only(Path(result.base_model), staging / "adapter", spec)  # type: ignore[arg-type]
+        _stage("verified", baseDeviation=verify_info["baseDeviation"])
     if not need_weights or "sentence-transformers" not in formats:
         shutil.rmtree(st_dir, ignore_errors=True)
     merge_info["mmapFallback"] = list(safeio.mmap_fallbacks)

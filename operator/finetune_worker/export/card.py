@@ -88,7 +88,7 @@ Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if 
 - Training: loss {t.get("loss")}, {t.get("steps")} steps, {t.get("epochs")} epochs, seed {t.get("seed")}, data: {meta["data"].get("source")}
 - Exported from: {meta.get("source")}; merge: {meta["merge"].get("method")}
 - Pooling: {meta.get("pooling")}, normalize: {meta.get("normalize")}
-- Verified: max |Δ| vs the unmerged model on {meta["verify"].get("probes")} probe texts = {meta.get("maxDeviation")}
+- Verified: {_verified(meta)}
 
 ## Evaluation
 
@@ -102,6 +102,15 @@ Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if 
 {load}
 ```
 """
+
+
+def _verified(meta: dict[str, Any]) -> str:
+    v = meta.get("verify") or {}
+    if meta.get("maxDeviation") is None:
+        return f"the adapter loads with peft and changes the base model's embeddings (max |Δ| {v.get('baseDeviation', 0):.3g})"
+    what = "the unmerged model (base + adapter)" if meta.get("lora") else "the trained model"
+    return (f"embeddings of {v.get('probes')} probe texts match {what}: max |Δ| {meta['maxDeviation']:.2g}, "
+            f"reloaded with {', '.join(v.get('reloaded', []))}")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

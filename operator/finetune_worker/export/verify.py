@@ -153,3 +153,14 @@ def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapt
             raise VerificationFailed(f"transformers.AutoModel on the {label} disagrees with the export: max |Δ| {hdev:.3g}")
     report["reloaded"] = ["SentenceTransformer", "AutoModel"] + (["peft"] if adapter_dir is not None else [])
     return report
+
+
+def verify_adapter_only(base_model: Path, adapter_dir: Path, spec: FineTuneSpec) -> dict[str, Any]:
+    """An unmerged export: the adapter must load onto the base with peft and change its embeddings."""
+    st = load_st(base_model, spec)
+    e_base = _encode(st)
+    attach_adapter(st[0].model, adapter_dir)
+    base_dev, _ = _compare(_encode(st), e_base)
+    if base_dev <= spec.export.tolerance:
+        raise VerificationFailed(f"the adapter does not change the base model's embeddings (max |Δ| {base_dev:.3g})")
+    return {"probes": len(PROBES), "baseDeviation": base_dev, "maxDeviation": None, "reloaded": ["peft"]}
