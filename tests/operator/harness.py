@@ -39,7 +39,8 @@ if _HERE not in sys.path:  # siblings import each other by plain name (tests/ope
 
 import kmock  # noqa: E402
 import yaml  # noqa: E402
-from kube_emulator import FixedKubernetesEmulator, Res  # noqa: E402
+from kube_emulator import FixedKubernetesEmulator  # noqa: E402
+from kube_store import Res  # noqa: E402
 from kubelet_sim import TestKubelet  # noqa: E402
 
 from finetune_operator import contract  # noqa: E402

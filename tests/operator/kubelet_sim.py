@@ -23,7 +23,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kube_emulator import FixedKubernetesEmulator, Res, now_rfc3339
+from kube_emulator import FixedKubernetesEmulator
+from kube_store import Res, now_rfc3339
 
 from finetune_operator.executor import LocalPodExecutor
 
