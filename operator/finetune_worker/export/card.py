@@ -38,7 +38,8 @@ def build_metadata(spec: FineTuneSpec, job: dict[str, Any], result: Any, *, fing
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "fingerprint": fingerprint,
         "source": result.name,
-        "baseModel": result.base_model,
+        "baseModel": result.base_model,  # as resolved (a local directory)
+        "baseModelSpec": spec.model.base or f"fromJob:{spec.model.from_job}",  # as the user named it
         "lora": result.lora,
         "data": data_summary(spec),
         "training": {"loss": info.get("loss", spec.training.loss), "steps": info.get("steps"),
@@ -60,7 +61,7 @@ def build_metadata(spec: FineTuneSpec, job: dict[str, Any], result: Any, *, fing
 def model_card(meta: dict[str, Any], fmt: str) -> str:
     """A short README.md for one export format."""
     name = meta.get("job") or "fine-tuned embedding model"
-    base = meta.get("baseModel")
+    base = meta.get("baseModelSpec") or meta.get("baseModel")
     t = meta["training"]
     load = {
         "sentence-transformers": ("from sentence_transformers import SentenceTransformer\n"
