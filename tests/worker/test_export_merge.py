@@ -128,3 +128,24 @@ def test_bf16_base_merges_like_peft(bf16_model: Path, tmp_path: Path) -> None:
     adapter = make_adapter(bf16_model, tmp_path / "adapter")
     streamed, reference, _ = _merge_both(bf16_model, adapter, tmp_path)
     _assert_same(streamed, reference, bf16_model)
+
+
+def test_base_saved_with_a_model_prefix(tiny_model: Path, tmp_path: Path) -> None:
+    """Checkpoints saved from a task model carry `bert.`-prefixed keys; adapter targets still resolve."""
+    import shutil
+
+    from exportkit import make_adapter
+    from safetensors.torch import load_file, save_file
+
+
+    prefixed = tmp_path / "prefixed"
+    shutil.copytree(tiny_model, prefixed)
+    sd = load_file(prefixed / "model.safetensors")
+    save_file({f"bert.{k}": v for k, v in sd.items()}, prefixed / "model.safetensors", metadata={"format": "pt"})
+    adapter = make_adapter(tiny_model, tmp_path / "adapter")
+    streamed, reference, plan = _merge_both(prefixed, adapter, tmp_path)
+    assert all(k.startswith("bert.") for k in plan.targets)
+    got, _ = _tensors(streamed)
+    want, _ = _tensors(reference)  # transformers strips the prefix on load and saves without it
+    assert set(got) == {f"bert.{k}" for k in want}
+    assert max((got[f"bert.{k}"] - want[k]).abs().max().item() for k in want) <= 1e-6
