@@ -188,7 +188,10 @@ class TestKubelet:
         with self._locks[local]:
             if self._closed or local in self._cancelled:
                 return
-            self.executor.start(manifest)
+            try:
+                self.executor.start(manifest)
+            except RuntimeError:  # the executor closed meanwhile (cluster shutdown)
+                return
         self._in_loop(self._bind_and_sync, local)
 
     def _bind_and_sync(self, local: str) -> None:
