@@ -135,6 +135,7 @@ class Cluster:
         await asyncio.sleep(0)
         await self._server.__aexit__(None, None, None)
         await self.emulator.__aexit__(None, None, None)
+        await self.loop.shutdown_default_executor()  # aiohttp's resolver threads
 
     def __enter__(self) -> Cluster:
         return self.start()
