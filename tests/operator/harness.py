@@ -282,7 +282,7 @@ def _ensure_login(registry: Any, url: str) -> None:
         cell = _LOGIN_URLS[id(registry)] = [url]
 
         @kopf.on.login(registry=registry, id="harness-emulator-login")
-        def _login_to_emulator(**_: Any) -> kopf.ConnectionInfo:
+        async def _login_to_emulator(**_: Any) -> kopf.ConnectionInfo:
             return kopf.ConnectionInfo(server=cell[0], insecure=True, default_namespace="default")
 
     cell[0] = url
@@ -368,6 +368,7 @@ class OperatorRunner:
                 self.error = e
                 log.exception("the operator crashed")
             finally:
+                settings.execution.executor.shutdown(wait=True)  # kopf leaves its sync-handler pool running
                 ready.set()
 
         self._thread = threading.Thread(target=main, name=f"kopf-operator-{self.starts}", daemon=True)
