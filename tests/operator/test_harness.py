@@ -465,3 +465,18 @@ def test_resource_comes_from_the_crd_file_when_there_is_one(tmp_path: Path) -> N
         names = {r["name"]: r for r in discovery["resources"]}
         assert f"{contract.PLURAL}/status" in names and names[contract.PLURAL]["shortNames"] == ["ftj"]
         assert names[contract.PLURAL]["namespaced"] is True
+
+
+def test_start_cluster_and_operator_for_benchmarks(tmp_path: Path) -> None:
+    from harness import start_cluster_and_operator
+
+    before = {t.ident for t in threading.enumerate()}
+    cluster, runner, stop = start_cluster_and_operator(tmp_path, kubelet=False, registry=tiny_operator())
+    try:
+        assert runner is not None and runner.alive
+        cluster.create(finetune_job("bench", {"exitCode": 0, "result": "completed"}))
+        pod = cluster.wait_for(lambda: cluster.pod("bench-train-0"), 20, what="the operator's pod")
+        assert pod["status"]["phase"] == "Pending"  # no kubelet: pods are only created, as in the benchmark
+    finally:
+        stop()
+    assert [t.name for t in threading.enumerate() if t.ident not in before] == []
