@@ -173,9 +173,8 @@ def delta(target: Target) -> Any:
     as peft's `base_layer.weight.data += delta_weight` does.
     """
     out = target.b.float() @ target.a.float()
-    if target.transpose:
-        out = out.T
-    return out * target.scaling
+    out.mul_(target.scaling)  # in place: the same rounding as `out * scaling`, one buffer less
+    return out.T if target.transpose else out
 
 
 def _dot_natural_key(s: str) -> list[tuple[Any, ...]]:
@@ -251,6 +250,8 @@ def stream_merge(base_dir: Path, plan: MergePlan, out_dir: Path, max_shard_bytes
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     fds: dict[Path, int] = {}
+    # one read buffer for every target weight: no fresh pages to fault in per tensor
+    scratch = bytearray(max((base[k].nbytes for k in plan.targets), default=0))
     try:
         for i, (name, shard) in enumerate(zip(names, shards, strict=True)):
             writer = ShardWriter(out_dir / name, [(k, base[k].dtype, base[k].shape, base[k].nbytes) for k in shard])
@@ -263,7 +264,7 @@ def stream_merge(base_dir: Path, plan: MergePlan, out_dir: Path, max_shard_bytes
                     if k in plan.replacements:
                         writer.put_tensor(k, plan.replacements[k].to(_torch_dtype(info.dtype)))
                     elif k in plan.targets:
-                        w = read_tensor(info, fd)
+                        w = read_tensor(info, fd, scratch)
                         w += delta(plan.targets[k])
                         writer.put_tensor(k, w)
                         del w

@@ -78,11 +78,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return out, meta
 
 
-def read_tensor(info: TensorInfo, fd: int | None = None) -> Any:
-    """One tensor, read with pread into its own buffer (a torch tensor that owns its memory)."""
+def read_tensor(info: TensorInfo, fd: int | None = None, scratch: bytearray | None = None) -> Any:
+    """One tensor, read with pread. Into `scratch` when given (reused between tensors: the
+    returned tensor is only valid until the next read into it), else into its own buffer."""
     import torch
 
-    buf = bytearray(info.nbytes)
+    buf = memoryview(scratch)[: info.nbytes] if scratch is not None else bytearray(info.nbytes)
     own = fd is None
     if own:
         fd = os.open(info.file, os.O_RDONLY)
