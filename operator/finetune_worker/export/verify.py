@@ -116,16 +116,22 @@ def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapt
     reference_hf: the HF weights the export must reproduce (the base for LoRA, the trained
     model for a full fine-tune); adapter_dir: the adapter applied on top of it (LoRA only).
     """
+    import gc
+
     tol = spec.export.tolerance
-    merged = load_st(st_dir, spec)
-    e_merged = _encode(merged)
-    ref = load_st(st_dir, spec)  # the export's own pipeline (pooling, normalize) ...
-    ref[0].model = load_hf(reference_hf, spec)  # ... over the reference weights
+    st = load_st(st_dir, spec)  # the export as users load it
+    e_merged = _encode(st)
+    tokenizer = st.tokenizer
+    h_merged = _hidden(st[0].model, tokenizer)
+    # The same pipeline (pooling, normalize) over the reference weights; one model in memory at a time.
+    st[0].model = None
+    gc.collect()
+    st[0].model = load_hf(reference_hf, spec)
     report: dict[str, Any] = {"probes": len(PROBES), "tolerance": tol, "lowPrecision": low_precision}
     if adapter_dir is not None:
-        e_base = _encode(ref)
-        attach_adapter(ref[0].model, adapter_dir)
-        e_ref = _encode(ref)
+        e_base = _encode(st)
+        attach_adapter(st[0].model, adapter_dir)
+        e_ref = _encode(st)
         base_dev, _ = _compare(e_merged, e_base)
         report["baseDeviation"] = base_dev
         if base_dev <= tol:
@@ -133,22 +139,23 @@ def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapt
                 f"the merged model embeds exactly like the base model (max |Δ| {base_dev:.3g} ≤ {tol:g}): "
                 "the adapter had no effect or the merge wrote the base weights")
     else:
-        e_ref = _encode(ref)
+        e_ref = _encode(st)
+    del st
+    gc.collect()
     dev, cos = _compare(e_merged, e_ref)
     report.update(maxDeviation=dev, minCosine=cos)
     if not _within(dev, cos, tol, low_precision):
         want = f"cosine ≥ {LOW_PRECISION_MIN_COSINE}" if low_precision else f"max |Δ| ≤ {tol:g}"
-        raise VerificationFailed(f"merged model deviates from base+adapter: max |Δ| {dev:.3g}, min cosine {cos:.6f} "
+        what = "base+adapter" if adapter_dir is not None else "the trained model"
+        raise VerificationFailed(f"merged model deviates from {what}: max |Δ| {dev:.3g}, min cosine {cos:.6f} "
                                  f"(need {want})")
-    del ref
-    tokenizer = merged.tokenizer
-    h_st = _hidden(merged[0].model, tokenizer)
     for label, d in (("sentence-transformers dir", st_dir), ("huggingface dir", hf_dir)):
         if d is None:
             continue
         hf = load_hf(d, spec)
-        hdev, hcos = _compare(_hidden(hf, tokenizer).flatten(0, 1), h_st.flatten(0, 1))
+        hdev, hcos = _compare(_hidden(hf, tokenizer).flatten(0, 1), h_merged.flatten(0, 1))
         del hf
+        gc.collect()
         if not _within(hdev, hcos, tol, low_precision):
             raise VerificationFailed(f"transformers.AutoModel on the {label} disagrees with the export: max |Δ| {hdev:.3g}")
     report["reloaded"] = ["SentenceTransformer", "AutoModel"] + (["peft"] if adapter_dir is not None else [])
