@@ -149,3 +149,29 @@ def test_base_saved_with_a_model_prefix(tiny_model: Path, tmp_path: Path) -> Non
     want, _ = _tensors(reference)  # transformers strips the prefix on load and saves without it
     assert set(got) == {f"bert.{k}" for k in want}
     assert max((got[f"bert.{k}"] - want[k]).abs().max().item() for k in want) <= 1e-6
+
+
+def test_user_space_copy_when_the_kernel_cannot(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """copy_file_range refused (EXDEV across filesystems, or not Linux): same bytes via pread/pwrite."""
+    import os
+
+    from exportkit import make_adapter
+
+    from finetune_worker.export import merge
+
+    adapter = make_adapter(tiny_model, tmp_path / "adapter")
+    config, state = merge.load_adapter(adapter)
+    base = merge.base_tensors(tiny_model)
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    fast.mkdir()
+    slow.mkdir()
+    merge.stream_merge(tiny_model, merge.plan_merge(config, state, base), fast, SHARD)
+
+    def refuse(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    merge.stream_merge(tiny_model, merge.plan_merge(config, state, base), slow, SHARD)
+    names = sorted(p.name for p in fast.iterdir())
+    assert names == sorted(p.name for p in slow.iterdir()) and len(names) > 2
+    assert all((fast / n).read_bytes() == (slow / n).read_bytes() for n in names)

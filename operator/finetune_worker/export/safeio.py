@@ -90,7 +90,12 @@ def read_tensor(info: TensorInfo, fd: int | None = None, scratch: bytearray | No
     try:
         view, done = memoryview(buf), 0
         while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.start + done)
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [view[done:]], info.start + done)
+            else:  # platforms without preadv (older macOS)
+                chunk = os.pread(fd, info.nbytes - done, info.start + done)
+                n = len(chunk)
+                view[done : done + n] = chunk
             if n <= 0:
                 raise SafetensorsError(f"{info.file}: unexpected end of file reading {info.name}")
             done += n
@@ -176,6 +181,8 @@ class ShardWriter:
             raise SafetensorsError(f"{name}: source holds {src.nbytes} bytes, expected {nbytes}")
         done = 0
         try:
+            if not hasattr(os, "copy_file_range"):  # not Linux: copy through user space
+                raise OSError(errno.ENOSYS, "copy_file_range unavailable")
             while done < nbytes:
                 n = os.copy_file_range(src_fd, self.fd, nbytes - done, src.start + done, self.data_start + off + done)
                 if n <= 0:
