@@ -312,3 +312,13 @@ def test_unmerged_adapter_only_export(tiny_model: Path, tmp_path: Path) -> None:
     ws2 = lora_workspace(tmp_path / "ws2", tiny_model)  # unmerged + a merged format: refused, nothing written
     assert _run(spec(tiny_model, export={"merge": False}), ws2) == 2
     assert not (ws2 / "export").exists()
+
+
+def test_nothing_to_export_is_a_clear_permanent_error(tiny_model: Path, tmp_path: Path, termlog: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    assert _run(spec(tiny_model), ws) == 2
+    assert "training has not completed" in json.loads(termlog.read_text())["message"]
+    assert _run(spec(tiny_model, export={"checkpoint": "checkpoint-7"}), ws) == 2
+    assert "no such checkpoint" in json.loads(termlog.read_text())["message"]
+    assert sorted(p.name for p in ws.iterdir()) == []
