@@ -158,10 +158,12 @@ def test_bf16_export_is_verified_by_cosine(tiny_model: Path, tmp_path: Path) -> 
     assert {t.dtype for t in read_header(index)[0].values()} == {"BF16"}  # exported in the base's dtype
 
 
-def test_missing_target_fails_loudly_with_nothing_written(tiny_model: Path, tmp_path: Path, termlog: Path) -> None:
+@pytest.mark.parametrize("kind", ["lora", "dora"])  # the streaming path and the peft fallback path
+def test_missing_target_fails_loudly_with_nothing_written(kind: str, tiny_model: Path, tmp_path: Path,
+                                                          termlog: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    ws = lora_workspace(tmp_path / "ws", tiny_model)
+    ws = lora_workspace(tmp_path / "ws", tiny_model, use_dora=kind == "dora")
     f = ws / "final" / "adapter" / "adapter_model.safetensors"
     sd = load_file(f)  # an adapter trained on a deeper model: layer 5 does not exist in this base
     save_file({k.replace("layer.1.", "layer.5."): v for k, v in sd.items()}, f)

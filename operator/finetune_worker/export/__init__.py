@@ -133,9 +133,10 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
         reference_hf = transformer_dir(Path(result.base_model))
         base = merging.base_tensors(reference_hf)
         config, state = merging.load_adapter(result.adapter_dir)
+        merging.require_targets(state, base)  # a missing target fails here, before anything is written
         reason = merging.unsupported_reason(config, state, base)
         if reason is None:
-            plan = merging.plan_merge(config, state, base)  # a missing target raises here: nothing written yet
+            plan = merging.plan_merge(config, state, base)
         scaffold = Path(result.base_model)
         tokenizer_src: Path | None = result.adapter_dir
     else:

@@ -117,6 +117,19 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def missing_targets(state: dict[str, Any], base: dict[str, TensorInfo]) -> list[str]:
+    """Modules the adapter's LoRA weights (lora_A/lora_B/lora_embedding_*) name that the base lacks."""
+    mods = {m["mod"] for m in map(_LORA_KEY.match, state) if m}
+    return sorted(mod for mod in mods if _find_base_key(mod + ".weight", base) is None)
+
+
+def require_targets(state: dict[str, Any], base: dict[str, TensorInfo]) -> None:
+    missing = missing_targets(state, base)
+    if missing:
+        raise InvalidInput(f"adapter targets missing from the base model: {', '.join(missing)} "
+                           "(was the adapter trained on a different base model?)")
+
+
 def plan_merge(config: dict[str, Any], state: dict[str, Any], base: dict[str, TensorInfo]) -> MergePlan:
     """Pair every adapter tensor with a base tensor. Raises InvalidInput naming each missing target."""
     plan = MergePlan()
