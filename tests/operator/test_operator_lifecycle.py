@@ -89,7 +89,11 @@ def cond(st: dict[str, Any], type_: str) -> str:
 
 
 def reasons(cluster: Cluster, name: str) -> list[str]:
-    return [e["reason"] for e in cluster.events(involved_name=name) if e.get("source", {}).get("component") == "finetune-operator"]
+    return [
+        e["reason"]
+        for e in cluster.events(involved_name=name)
+        if e.get("source", {}).get("component") == "finetune-operator"
+    ]
 
 
 def test_kill_resume_export_succeed(cluster: Cluster, operator: OperatorRunner) -> None:
@@ -100,13 +104,21 @@ def test_kill_resume_export_succeed(cluster: Cluster, operator: OperatorRunner) 
     assert pod["metadata"]["ownerReferences"][0]["name"] == "job1"
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert cluster.get("v1", "persistentvolumeclaims", "default", "job1-workspace") is not None
-    cluster.wait_for(lambda: (status(cluster, "job1").get("checkpoint") or {}).get("step", 0) >= 10, 30, what="checkpoint-10")
+    cluster.wait_for(
+        lambda: (status(cluster, "job1").get("checkpoint") or {}).get("step", 0) >= 10,
+        30,
+        what="checkpoint-10",
+    )
     cluster.kubelet.kill("job1-train-1", signal.SIGKILL)
     cluster.wait_for(lambda: cluster.pod("job1-train-2"), 30, what="second training pod")
     st = wait_phase(cluster, "job1", "Succeeded", 60)
     first, second = st["attempts"][0], st["attempts"][1]
     assert (first["result"], first["exitCode"]) == ("failed", 137)
-    assert second["resumedFrom"] and second["resumedFrom"].startswith("checkpoint-") and second["result"] == "completed"
+    assert (
+        second["resumedFrom"]
+        and second["resumedFrom"].startswith("checkpoint-")
+        and second["result"] == "completed"
+    )
     assert st["failures"] == 1 and st["restarts"] == 1 and st["progress"]["percent"] == 100.0
     assert st["export"]["path"].endswith("export") and cond(st, "Succeeded") == "True"
     assert st["observedGeneration"] == 1 and st["startTime"] and st["completionTime"]
@@ -130,7 +142,9 @@ def test_suspend_and_resume(cluster: Cluster, operator: OperatorRunner) -> None:
     wait_phase(cluster, "sus", "Training")
     cluster.wait_for(lambda: status(cluster, "sus").get("checkpoint"), 30, what="a checkpoint")
     cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "sus", {"spec": {"suspend": True}})
-    st = cluster.wait_for(lambda: (s := status(cluster, "sus")).get("reason") == "Suspended" and s, 30, what="suspended")
+    st = cluster.wait_for(
+        lambda: (s := status(cluster, "sus")).get("reason") == "Suspended" and s, 30, what="suspended"
+    )
     assert st["phase"] == "Suspended" and cond(st, "Suspended") == "True"
     assert st["attempts"][0]["result"] == "preempted" and st["attempts"][0]["exitCode"] == 75
     assert cluster.pod("sus-train-1") is None and st["preemptions"] == 0
@@ -140,14 +154,19 @@ def test_suspend_and_resume(cluster: Cluster, operator: OperatorRunner) -> None:
     assert st["attempts"][1]["resumedFrom"] == stopped_at and cond(st, "Suspended") == "False"
 
 
-def test_operator_restart_mid_job_adopts_without_duplicates(cluster: Cluster, operator: OperatorRunner) -> None:
+def test_operator_restart_mid_job_adopts_without_duplicates(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
     configure(cluster, "rs-workspace", steps=60, stepSeconds=0.1)
     cluster.create(finetune_job("rs", spec()))
     wait_phase(cluster, "rs", "Training")
     operator.stop()
     operator.start()
     st = wait_phase(cluster, "rs", "Succeeded", 90)
-    train_pods = [p["metadata"]["name"] for p in cluster.pods(label_selector="finetune.dev/job=rs,finetune.dev/role=train")]
+    train_pods = [
+        p["metadata"]["name"]
+        for p in cluster.pods(label_selector="finetune.dev/job=rs,finetune.dev/role=train")
+    ]
     assert train_pods == ["rs-train-1"] and len(st["attempts"]) == 2 and st["restarts"] == 0
 
 
@@ -160,6 +179,36 @@ def test_invalid_object_beside_a_valid_one(cluster: Cluster, operator: OperatorR
     assert cond(st, "Failed") == "True" and cluster.pods(label_selector="finetune.dev/job=broken") == []
     wait_phase(cluster, "good", "Succeeded", 60)
     # the user fixes the spec: the job runs
-    cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "broken", {"spec": {"training": {"learningRate": 1e-4}}})
+    cluster.patch(
+        contract.API_VERSION,
+        contract.PLURAL,
+        "default",
+        "broken",
+        {"spec": {"training": {"learningRate": 1e-4}}},
+    )
     configure(cluster, "broken-workspace", steps=5)
     wait_phase(cluster, "broken", "Succeeded", 60)
+
+
+def test_eviction_does_not_consume_backoff_limit(cluster: Cluster, operator: OperatorRunner) -> None:
+    configure(cluster, "ev-workspace", steps=40, stepSeconds=0.05)
+    cluster.create(finetune_job("ev", spec(backoffLimit=0)))
+    wait_phase(cluster, "ev", "Training")
+    cluster.wait_for(lambda: status(cluster, "ev").get("checkpoint"), 30, what="a checkpoint")
+    cluster.kubelet.evict("ev-train-1", grace_seconds=0)
+    st = wait_phase(cluster, "ev", "Succeeded", 60)
+    assert st["attempts"][0]["result"] == "evicted" and st["preemptions"] == 1 and st["failures"] == 0
+    assert st["attempts"][1]["resumedFrom"]
+
+
+def test_ttl_deletes_the_job_and_reclaim_policy_decides_the_claim(cluster: Cluster, operator: OperatorRunner) -> None:
+    for name in ("keep", "drop"):
+        configure(cluster, f"{name}-workspace", steps=3)
+    cluster.create(finetune_job("keep", spec(ttlSecondsAfterFinished=1)))
+    cluster.create(finetune_job("drop", spec(ttlSecondsAfterFinished=1, storage={"reclaimPolicy": "Delete"})))
+    for name in ("keep", "drop"):
+        cluster.wait_for(lambda n=name: cluster.job(n) is None, 60, what=f"{name} deleted by its TTL")
+    cluster.wait_for(lambda: cluster.pods(label_selector="finetune.dev/job") == [], 30, what="children collected")
+    assert cluster.get("v1", "persistentvolumeclaims", "default", "keep-workspace") is not None  # Retain
+    cluster.wait_for(lambda: cluster.get("v1", "persistentvolumeclaims", "default", "drop-workspace") is None, 30,
+                     what="the Delete claim collected")  # fmt: skip
