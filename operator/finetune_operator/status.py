@@ -79,13 +79,13 @@ def set_phase(status: dict[str, Any], phase: str, reason: str, message: str, now
     active = phase in (PHASE_TRAINING, PHASE_EXPORTING)
     conds = set_condition(conds, COND_TRAINING, active, reason if active else _idle_reason(phase), message if active else "", now)
     conds = set_condition(conds, COND_SUSPENDED, phase == PHASE_SUSPENDED,
-                          REASON_SUSPENDED if phase == PHASE_SUSPENDED else REASON_RUNNING,
+                          reason if phase == PHASE_SUSPENDED else _idle_reason(phase),
                           message if phase == PHASE_SUSPENDED else "", now)  # fmt: skip
     conds = set_condition(conds, COND_SUCCEEDED, phase == PHASE_SUCCEEDED,
                           reason if phase == PHASE_SUCCEEDED else REASON_NOT_STARTED if phase == PHASE_PENDING else _idle_reason(phase),
                           message if phase == PHASE_SUCCEEDED else "", now)  # fmt: skip
     conds = set_condition(conds, COND_FAILED, phase == PHASE_FAILED,
-                          reason if phase == PHASE_FAILED else REASON_RUNNING,
+                          reason if phase == PHASE_FAILED else _idle_reason(phase),
                           message if phase == PHASE_FAILED else "", now)  # fmt: skip
     status["phase"] = phase
     status["reason"] = reason
