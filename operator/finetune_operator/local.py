@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -97,7 +98,10 @@ class LocalRunner:
             tail = self.executor.logs(name, LOG_TAIL_LINES) if status.get("phase") == "Running" else None
             pods.append(observe_pod({"metadata": manifest["metadata"], "status": status}, tail))
         try:
-            claim = claim_name(self.name, parse_spec(self.job.get("spec")))
+            spec = parse_spec(self.job.get("spec"))
+            claim = claim_name(self.name, spec)
+            if spec.storage.claim_name:  # a named claim is just a directory here
+                self.executor.pvc_dir(claim)
             exists = claim in self.claims or (self.workdir / "pvcs" / claim).is_dir()
         except SpecError:
             exists = False
@@ -185,6 +189,30 @@ class LocalRunner:
         return 0
 
 
+def stage_inputs(job: dict[str, Any], source_dirs: list[Path], workspace: Path) -> list[str]:
+    """Copy files the spec names by workspace-relative path (dataset.path, dataset.eval.path,
+    model.base) from next to the YAML file (or the current directory) into the workspace, as a
+    user would copy them onto the PVC. Returns the paths copied; existing workspace files win."""
+    spec = job.get("spec") or {}
+    dataset = spec.get("dataset") or {}
+    wanted = [dataset.get("path"), (dataset.get("eval") or {}).get("path"), (spec.get("model") or {}).get("base")]
+    copied = []
+    for rel in wanted:
+        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ":" in rel or ".." in Path(rel).parts:
+            continue
+        dst = workspace / rel
+        src = next((d / rel for d in source_dirs if (d / rel).exists()), None)
+        if src is None or dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+        copied.append(rel)
+    return copied
+
+
 def _format(cols: tuple[str, ...]) -> str:
     widths = (24, 11, 9, 18, 9, 6)
     return "".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)).rstrip() + "\n"
@@ -199,8 +227,14 @@ def main(file: str, workdir: str | None = None, timeout: float | None = None, ou
         return 2
     root = Path(workdir) if workdir else Path.cwd() / ".finetune" / job["metadata"]["name"]
     root.mkdir(parents=True, exist_ok=True)
-    out.write(f"workspace: {root}\n")
     runner = LocalRunner(job, root, out=out)
+    try:
+        workspace = runner.executor.pvc_dir(claim_name(runner.name, parse_spec(job["spec"])))
+        out.write(f"workspace: {workspace}\n")
+        for rel in stage_inputs(job, [Path(file).resolve().parent, Path.cwd()], workspace):
+            out.write(f"copied {rel} into the workspace\n")
+    except SpecError:
+        pass  # reconcile reports it as the job's Failed condition
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops gracefully, like Ctrl-C

@@ -90,3 +90,15 @@ def test_invalid_file_is_refused_with_the_field(tmp_path: Path) -> None:
     assert "spec.backoffLimit" in out.getvalue()
     f.write_text("- just a list")
     assert main(str(f), str(tmp_path / "w"), out=out) == 2
+
+
+def test_data_next_to_the_yaml_is_staged_into_the_workspace(tmp_path: Path, fake_bin: Path) -> None:
+    from finetune_operator.local import stage_inputs
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    job = {"spec": {"dataset": {"path": "data/train.jsonl"}, "model": {"base": "builtin:all-MiniLM-L6-v2"}}}
+    ws = tmp_path / "ws"
+    assert stage_inputs(job, [tmp_path], ws) == ["data/train.jsonl"]
+    assert (ws / "data" / "train.jsonl").read_text().startswith('{"question"')
+    assert stage_inputs(job, [tmp_path], ws) == []  # the workspace copy wins on a rerun
