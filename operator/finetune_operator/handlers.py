@@ -159,6 +159,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = settings.watching.client_timeout or 330
     settings.watching.connect_timeout = settings.watching.connect_timeout or 30
     settings.networking.request_timeout = min(settings.networking.request_timeout or 60, 60)
+    # watch only our pods, server-side: a cluster's other pods cost neither bandwidth nor memory
+    settings.watching.label_selectors["v1", "pods"] = LABEL_JOB
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
