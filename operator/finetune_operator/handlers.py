@@ -78,10 +78,11 @@ async def observe(kube: Kube, job: dict[str, Any]) -> Observed:
     # event carried it (see on_pod_event), so the attempt still gets its real exit code and summary.
     listed = {p["metadata"]["name"] for p in pods}
     ended: collections.OrderedDict[tuple[str, str], dict[str, Any]] = _state["ended"]
-    for (pns, pname), body in list(ended.items()):
-        if pns == ns and pname not in listed and any(
-            o.get("uid") == uid for o in body["metadata"].get("ownerReferences") or []
-        ):
+    for attempt in (job.get("status") or {}).get("attempts") or []:
+        body = ended.get((str(ns), str(attempt.get("pod"))))
+        if attempt.get("result") or attempt.get("pod") in listed or body is None:
+            continue
+        if any(o.get("uid") == uid for o in body["metadata"].get("ownerReferences") or []):
             pods.append(body)
     observations = []
     for pod in pods:

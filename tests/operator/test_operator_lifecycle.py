@@ -137,7 +137,7 @@ def test_backoff_exhaustion_fails_with_reason(cluster: Cluster, operator: Operat
 
 
 def test_suspend_and_resume(cluster: Cluster, operator: OperatorRunner) -> None:
-    configure(cluster, "sus-workspace", steps=200, stepSeconds=0.05)
+    configure(cluster, "sus-workspace", steps=100, stepSeconds=0.05)
     cluster.create(finetune_job("sus", spec()))
     wait_phase(cluster, "sus", "Training")
     cluster.wait_for(lambda: status(cluster, "sus").get("checkpoint"), 30, what="a checkpoint")
