@@ -1,0 +1,105 @@
+"""The vocabulary of a reconcile pass: operator Settings, the Plan it returns, and the working
+state of one pass (`Pass`). Pure: no I/O, no kopf, no API client."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import status as S
+from .builders import DEFAULT_WORKER_IMAGE, build_event, rfc3339
+
+MAX_ATTEMPT_HISTORY = 100
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator knobs (env FINETUNE_* in `run`; tests shorten the intervals)."""
+
+    worker_image: str = DEFAULT_WORKER_IMAGE
+    grace_seconds: int = 300  # terminationGracePeriodSeconds: time to checkpoint on SIGTERM
+    backoff_base: float = 10.0  # first retry delay; doubles per consecutive unsuccessful attempt
+    backoff_max: float = 300.0
+    progress_interval: float = 5.0  # look again this often while a pod runs (live progress)
+    pending_interval: float = 10.0  # ... and this often while waiting on something else
+
+
+@dataclass(frozen=True)
+class Delete:
+    kind: str
+    name: str
+    grace_seconds: int | None = None
+
+
+@dataclass
+class Plan:
+    """What the handlers apply, in this order: create, delete, status, events, delete_job."""
+
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[Delete] = field(default_factory=list)
+    status: dict[str, Any] | None = None  # merge patch for the status subresource; None = unchanged
+    events: list[dict[str, Any]] = field(default_factory=list)
+    requeue_after: float | None = None
+    delete_job: bool = False
+    permanent_error: str | None = None  # invalid object: handlers raise kopf.PermanentError
+    phase: str = S.PHASE_PENDING
+    ended: list[tuple[str, str]] = field(default_factory=list)  # (role, result) of attempts ended in this pass
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def backoff_delay(consecutive: int, settings: Settings) -> float:
+    """Delay before the next attempt after `consecutive` unsuccessful attempts in a row (>= 1)."""
+    return float(min(settings.backoff_max, settings.backoff_base * 2 ** max(0, consecutive - 1)))
+
+
+class Pass:
+    """One reconcile pass: the working copy of status and the plan being built."""
+
+    def __init__(self, job: dict[str, Any], now: dt.datetime, settings: Settings) -> None:
+        self.job = job
+        self.now = now
+        self.ts = rfc3339(now)
+        self.settings = settings
+        self.old = job.get("status") or {}
+        self.st: dict[str, Any] = copy.deepcopy(self.old)
+        self.plan = Plan()
+        if (job.get("metadata") or {}).get("generation") is not None:
+            self.st["observedGeneration"] = job["metadata"]["generation"]
+        self.st.setdefault("attempts", [])
+        for counter in ("restarts", "preemptions", "failures", "exportFailures"):
+            self.st.setdefault(counter, 0)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(build_event(self.job, type_, reason, message, self.now, len(self.plan.events)))
+
+    def phase(self, phase: str, reason: str, message: str) -> None:
+        before = self.old.get("phase")
+        S.set_phase(self.st, phase, reason, message, self.ts)
+        if phase in S.TERMINAL_PHASES:
+            self.st.setdefault("completionTime", self.ts)
+        if before != phase:
+            warn = phase == S.PHASE_FAILED
+            self.event("Warning" if warn else "Normal", reason if warn or phase == S.PHASE_SUSPENDED else phase, message)
+
+    def finish(self) -> Plan:
+        self.st["attempts"] = self.st["attempts"][-MAX_ATTEMPT_HISTORY:]
+        self.plan.status = S.status_patch(self.old, self.st)
+        self.plan.phase = str(self.st.get("phase") or S.PHASE_PENDING)
+        return self.plan
+
+
+def describe(attempt: dict[str, Any]) -> str:
+    text = f"{attempt.get('pod')} {attempt.get('result')}"
+    if attempt.get("exitCode") is not None:
+        text += f" (exit {attempt['exitCode']})"
+    return text + (f": {attempt['message']}" if attempt.get("message") else "")
