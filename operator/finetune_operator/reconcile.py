@@ -203,7 +203,7 @@ def _launch(p: Pass, spec: FineTuneSpec, role: str, observed: Observed) -> Plan:
     st.setdefault("startTime", p.ts)
     if role == ROLE_EXPORT:
         p.event("Normal", "ExportStarted", f"created export pod {name} (attempt {attempt})")
-        p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {name} created")
+        p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {name} is pending")
     else:
         what = f"resuming from {resumed}" if resumed else ("starting over: no checkpoint yet" if attempt > 1 else "starting")
         p.event("Normal", "Resumed" if attempt > 1 else "Started", f"created training pod {name} (attempt {attempt}), {what}")
@@ -213,12 +213,13 @@ def _launch(p: Pass, spec: FineTuneSpec, role: str, observed: Observed) -> Plan:
 
 def _running(p: Pass, role: str, pod: PodObservation) -> Plan:
     if role == ROLE_EXPORT:
-        p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {pod.name} {pod.phase.lower()}")
+        p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {pod.name} is {pod.phase.lower()}")
     elif pod.phase == "Running":
         prog = p.st.get("progress") or {}
         where = f"step {prog.get('step')}/{prog.get('totalSteps')}" if prog.get("step") is not None else "started"
         p.phase(S.PHASE_TRAINING, S.REASON_TRAINING, f"training pod {pod.name}: {where}")
-    else:
-        waiting = f" ({pod.waiting_reason})" if pod.waiting_reason else ""
-        p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, f"training pod {pod.name} is {pod.phase.lower()}{waiting}")
+    elif pod.waiting_reason:
+        p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, f"training pod {pod.name} is waiting: {pod.waiting_reason}")
+    else:  # keep the launch message ("created, resuming from ..."): nothing new to say, nothing to write
+        p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, str(p.st.get("message") or f"training pod {pod.name} is pending"))
     return p.finish()

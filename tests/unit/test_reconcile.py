@@ -86,7 +86,6 @@ def test_existing_claim_is_used_and_a_missing_named_claim_is_waited_for() -> Non
 
 def test_second_pass_with_the_same_world_changes_nothing() -> None:
     j = started(job())
-    j, _ = step(j, [pod("faq-train-1", "Pending")])
     j, plan = step(j, [pod("faq-train-1", "Pending")])
     assert plan.create == [] and plan.delete == [] and plan.status is None and plan.events == []
 
@@ -200,6 +199,12 @@ def test_suspend_stops_the_pod_gracefully_then_resume_continues_from_the_checkpo
     j, plan = step(j, [stopped])
     assert kinds(plan) == [("Pod", "faq-train-2")] and j["status"]["attempts"][-1]["resumedFrom"] == "checkpoint-25"
     assert get_condition(j["status"], "Suspended")["status"] == "False"
+
+
+def test_a_pod_stuck_waiting_says_why() -> None:
+    j = started(job())
+    j, _ = step(j, [pod("faq-train-1", "Pending", waiting_reason="ImagePullBackOff")])
+    assert j["status"]["phase"] == "Pending" and "ImagePullBackOff" in j["status"]["message"]
 
 
 def test_no_new_pod_while_the_old_one_terminates() -> None:
