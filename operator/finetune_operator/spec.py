@@ -241,11 +241,14 @@ class _Obj:
             return default
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise SpecError(self.at(key), f"must be a number, got {_kind(v)}")
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # YAML integers are unbounded
+            v = math.inf
         if not math.isfinite(v):
             raise SpecError(self.at(key), "must be a finite number")
         if lo_open and lo is not None and v <= lo:
-            raise SpecError(self.at(key), f"must be greater than {lo:g}, got {v:g}")
+            raise SpecError(self.at(key), f"must be greater than {lo:g}, got {_num(v)}")
         _bounds(self.at(key), v, None if lo_open else lo, hi)
         return v
 
@@ -263,7 +266,7 @@ class _Obj:
         if "\x00" in v:
             raise SpecError(self.at(key), "must not contain NUL characters")
         if choices is not None and v not in choices:
-            raise SpecError(self.at(key), f"unknown value {v!r}; expected one of: {', '.join(choices)}")
+            raise SpecError(self.at(key), f"unknown value {_show(v)}; expected one of: {', '.join(choices)}")
         return v
 
 
@@ -272,18 +275,28 @@ def _kind(v: Any) -> str:
         type(v), "null" if v is None else type(v).__name__)
 
 
+def _show(v: Any, limit: int = 80) -> str:
+    """repr(v) for a message, shortened: a rejected value may be megabytes long."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[: limit - 15]}...({len(text)} chars)"
+
+
+def _num(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else _show(v, 40)
+
+
 def _bounds(path: str, v: float, lo: float | None, hi: float | None) -> None:
     if lo is not None and v < lo:
-        raise SpecError(path, f"must be at least {lo:g}, got {v:g}")
+        raise SpecError(path, f"must be at least {lo:g}, got {_num(v)}")
     if hi is not None and v > hi:
-        raise SpecError(path, f"must be at most {hi:g}, got {v:g}")
+        raise SpecError(path, f"must be at most {hi:g}, got {_num(v)}")
 
 
 def parse_size(text: str, path: str) -> int:
     """'5GB' / '500MB' / '2GiB' / '1000' (bytes) -> bytes."""
     m = _SIZE.match(text.strip())
     if not m:
-        raise SpecError(path, f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+        raise SpecError(path, f"not a size: {_show(text)} (e.g. 5GB, 500MB, 2GiB)")
     n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
     if n < 1:
         raise SpecError(path, "must be at least 1 byte")
@@ -295,9 +308,9 @@ def check_relative_path(path: str, where: str) -> str:
     (they name files in the image, e.g. a bundled model), but never with `..` in them."""
     parts = path.replace("\\", "/").split("/")
     if ".." in parts:
-        raise SpecError(where, f"path must not contain '..' (got {path!r}); paths are relative to the workspace")
+        raise SpecError(where, f"path must not contain '..' (got {_show(path)}); paths are relative to the workspace")
     if path.startswith("~"):
-        raise SpecError(where, f"path must not start with '~' (got {path!r})")
+        raise SpecError(where, f"path must not start with '~' (got {_show(path)})")
     return path
 
 
@@ -326,11 +339,11 @@ def _model(o: _Obj) -> ModelSpec:
     if base is None and from_job is None:
         base = ModelSpec.base
     if from_job is not None and (len(from_job) > MAX_NAME_LEN or not _DNS_LABEL.match(from_job)):
-        raise SpecError(o.at("fromJob"), f"not a FineTuneJob name: {from_job!r}")
+        raise SpecError(o.at("fromJob"), f"not a FineTuneJob name: {_show(from_job)}")
     if base is not None:
         if base.startswith(BUILTIN_PREFIX):
             if base[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
-                raise SpecError(o.at("base"), f"unknown builtin model {base!r}; bundled: "
+                raise SpecError(o.at("base"), f"unknown builtin model {_show(base)}; bundled: "
                                 + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
         else:
             check_relative_path(base, o.at("base"))
@@ -368,7 +381,7 @@ def _dataset(o: _Obj) -> DatasetSpec:
     if path is not None:
         check_relative_path(path, o.at("path"))
     if hub is not None and not _HUB_ID.match(hub):
-        raise SpecError(o.at("hub"), f"not a hub dataset id: {hub!r}")
+        raise SpecError(o.at("hub"), f"not a hub dataset id: {_show(hub)}")
     cols_raw = o.get("columns") or {}
     if not isinstance(cols_raw, dict):
         raise SpecError(o.at("columns"), f"must be an object mapping model-side to file-side names, got {_kind(cols_raw)}")
@@ -419,7 +432,7 @@ def _loss_params(loss: str, v: Any, path: str) -> dict[str, Any]:
             raise SpecError(f"{path}.matryoshkaWeights", "must be a list of positive numbers, one per dimension")
         inner = v.get("innerLoss", "MultipleNegativesRankingLoss")
         if inner not in INNER_LOSSES:
-            raise SpecError(f"{path}.innerLoss", f"unknown inner loss {inner!r}; expected one of: {', '.join(INNER_LOSSES)}")
+            raise SpecError(f"{path}.innerLoss", f"unknown inner loss {_show(inner)}; expected one of: {', '.join(INNER_LOSSES)}")
     mbs = v.get("miniBatchSize")
     if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
         raise SpecError(f"{path}.miniBatchSize", "must be a positive integer")
@@ -472,7 +485,7 @@ def _export(o: _Obj) -> ExportSpec:
         raise SpecError(o.at("formats"), f"must be a non-empty list of: {', '.join(EXPORT_FORMATS)}")
     for i, f in enumerate(fmts):
         if f not in EXPORT_FORMATS:
-            raise SpecError(f"{o.at('formats')}[{i}]", f"unknown format {f!r}; expected one of: {', '.join(EXPORT_FORMATS)}")
+            raise SpecError(f"{o.at('formats')}[{i}]", f"unknown format {_show(f)}; expected one of: {', '.join(EXPORT_FORMATS)}")
     if len(set(fmts)) != len(fmts):
         raise SpecError(o.at("formats"), "formats must be distinct")
     verify = o.sub("verify")
@@ -492,7 +505,7 @@ def _export(o: _Obj) -> ExportSpec:
                    max_shard_size=size, tolerance=tol, evaluate=evaluate,
                    checkpoint=o.str("checkpoint", None))
     if e.checkpoint is not None and (e.checkpoint != "final" and not re.fullmatch(r"checkpoint-[0-9]+", e.checkpoint)):
-        raise SpecError(o.at("checkpoint"), f"must be 'final' or a checkpoint name like checkpoint-100, got {e.checkpoint!r}")
+        raise SpecError(o.at("checkpoint"), f"must be 'final' or a checkpoint name like checkpoint-100, got {_show(e.checkpoint)}")
     o.done()
     return e
 
@@ -502,7 +515,7 @@ def _quantity(o: _Obj, key: str, default: str) -> str:
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (str, int)) or not _QUANTITY.match(str(v)):
-        raise SpecError(o.at(key), f"not a Kubernetes quantity: {v!r} (e.g. 4, 500m, 16Gi)")
+        raise SpecError(o.at(key), f"not a Kubernetes quantity: {_show(v)} (e.g. 4, 500m, 16Gi)")
     return str(v)
 
 
@@ -517,7 +530,7 @@ def _resources(o: _Obj) -> ResourcesSpec:
 def _storage(o: _Obj) -> StorageSpec:
     claim = o.str("claimName", None)
     if claim is not None and not _DNS_LABEL.match(claim):
-        raise SpecError(o.at("claimName"), f"not a PersistentVolumeClaim name: {claim!r}")
+        raise SpecError(o.at("claimName"), f"not a PersistentVolumeClaim name: {_show(claim)}")
     s = StorageSpec(claim_name=claim, size=_quantity(o, "size", "20Gi"),
                     storage_class_name=o.str("storageClassName", None),
                     reclaim_policy=o.str("reclaimPolicy", "Retain", choices=RECLAIM_POLICIES) or "Retain")
@@ -538,7 +551,7 @@ def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
         raise SpecError(o.at("nodeSelector"), "must map label names to string values")
     queue = o.str("queueName", None)
     if queue is not None and not _DNS_LABEL.match(queue):
-        raise SpecError(o.at("queueName"), f"not a LocalQueue name: {queue!r}")
+        raise SpecError(o.at("queueName"), f"not a LocalQueue name: {_show(queue)}")
     s = FineTuneSpec(
         model=_model(o.sub("model")),
         dataset=_dataset(o.sub("dataset")),
@@ -554,7 +567,7 @@ def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
         storage=_storage(o.sub("storage")),
         backoff_limit=o.int("backoffLimit", 3, lo=0, hi=100) or 0,
         suspend=o.bool("suspend", False),
-        ttl_seconds_after_finished=o.int("ttlSecondsAfterFinished", None, lo=0),
+        ttl_seconds_after_finished=o.int("ttlSecondsAfterFinished", None, lo=0, hi=2**31 - 1),
         raw=dict(o.value),
     )
     o.done()
@@ -568,7 +581,7 @@ def _cross_checks(s: FineTuneSpec, path: str) -> None:
     for k in s.dataset.columns:
         if k not in (*required, *optional):
             raise SpecError(f"{path}.dataset.columns.{k}",
-                            f"{inner} does not read a {k!r} column (reads: {', '.join((*required, *optional))})")
+                            f"{inner} does not read a {_show(k)} column (reads: {', '.join((*required, *optional))})")
     if s.training.loss == "DenoisingAutoEncoderLoss" and s.lora is not None:
         raise SpecError(f"{path}.lora", "DenoisingAutoEncoderLoss trains a decoder tied to the encoder; use a full fine-tune (omit lora)")
     if "adapter" in s.export.formats and s.lora is None:
@@ -593,9 +606,9 @@ def load_config(text: str) -> tuple[dict[str, Any], FineTuneSpec]:
         raise SpecError("config", f"must be a FineTuneJob or its spec (an object), got {_kind(doc)}")
     if "kind" in doc or "apiVersion" in doc or "spec" in doc:
         if doc.get("kind", KIND) != KIND:
-            raise SpecError("kind", f"expected {KIND}, got {doc.get('kind')!r}")
+            raise SpecError("kind", f"expected {KIND}, got {_show(doc.get('kind'))}")
         if doc.get("apiVersion", API_VERSION) != API_VERSION:
-            raise SpecError("apiVersion", f"expected {API_VERSION}, got {doc.get('apiVersion')!r}")
+            raise SpecError("apiVersion", f"expected {API_VERSION}, got {_show(doc.get('apiVersion'))}")
         meta = doc.get("metadata") or {}
         if not isinstance(meta, dict):
             raise SpecError("metadata", "must be an object")
