@@ -5,7 +5,11 @@ Pending, so only the control plane is measured), runs `finetune-operator run` as
 (so its RSS is the operator's alone), creates N FineTuneJobs back to back and records, from the
 API server's own change feed, the time from each job's create call to the creation of its
 training pod. It prints p50/p99 of that latency per N, the ratio of each p50 to the single-job
-p50 measured in the same run (the baseline), and the operator's RSS growth per job.
+p50 measured in the same run (the baseline), the operator's RSS growth per job and its CPU time
+per job (user+system, including the status writes and Events that follow the pod's creation).
+The emulated API server runs in this process, single-threaded, and at 500 jobs it is the
+bottleneck (the operator process waits on it most of the time): read the latencies at scale as
+an upper bound, and the CPU per job as the operator's own cost.
 
     python bench/bench_operator.py [--sizes 1,100,500] [--timeout 600]
 """
@@ -80,6 +84,7 @@ def measure(n: int, timeout: float) -> dict[str, Any]:
             time.sleep(1.0)
             ps = psutil.Process(proc.pid)
             rss_before = ps.memory_info().rss
+            cpu_before = sum(ps.cpu_times()[:2])
             created: dict[str, float] = {}
             t0 = time.perf_counter()
             for i in range(n):
@@ -92,6 +97,7 @@ def measure(n: int, timeout: float) -> dict[str, Any]:
             total = time.perf_counter() - t0
             time.sleep(2.0)  # let status writes and events settle before reading memory
             rss_after = ps.memory_info().rss
+            cpu = sum(ps.cpu_times()[:2]) - cpu_before
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -109,6 +115,7 @@ def measure(n: int, timeout: float) -> dict[str, Any]:
         "total": total,
         "rss_before": rss_before,
         "rss_per_job": (rss_after - rss_before) / n,
+        "cpu_ms_per_job": 1000 * cpu / n,
     }
 
 
@@ -123,11 +130,11 @@ def main() -> int:
     results = [measure(n, args.timeout) for n in sizes]
     base = results[0]["p50"]
     print(f"{'jobs':>5} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'p50/1-job':>10} {'creates s':>10} "
-          f"{'all pods s':>11} {'RSS idle MiB':>13} {'RSS/job KiB':>12}")  # fmt: skip
+          f"{'all pods s':>11} {'RSS idle MiB':>13} {'RSS/job KiB':>12} {'CPU ms/job':>11}")  # fmt: skip
     for r in results:
         print(f"{r['n']:>5} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['max']:>8.3f} {r['p50'] / base:>10.1f} "
               f"{r['create_seconds']:>10.2f} {r['total']:>11.2f} {r['rss_before'] / 2**20:>13.1f} "
-              f"{r['rss_per_job'] / 1024:>12.1f}")  # fmt: skip
+              f"{r['rss_per_job'] / 1024:>12.1f} {r['cpu_ms_per_job']:>11.1f}")  # fmt: skip
     print("latency: create call -> training pod created, seen in the API server's change feed; "
           "baseline: the 1-job p50 of this run")  # fmt: skip
     return 0
