@@ -122,6 +122,9 @@ class LocalRunner:
                 self.job["status"].pop(key, None)
             else:
                 self.job["status"][key] = value
+        for ev in plan.events:  # what `kubectl describe` would show: why a row changed
+            if ev["type"] == "Warning" or ev["reason"] in ("Resumed", "AttemptPreempted", "AttemptEvicted"):
+                self.out.write(f"  {ev['type']} {ev['reason']}: {ev['message']}\n")
         if plan.status:
             (self.workdir / "status.json").write_text(json.dumps(self.job["status"], indent=2))
         self.print_row()

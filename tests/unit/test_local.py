@@ -63,7 +63,7 @@ def test_runs_to_succeeded_printing_transitions_and_the_export_path(tmp_path: Pa
 
 
 def test_killed_worker_is_relaunched_and_resumes(tmp_path: Path, fake_bin: Path) -> None:
-    r, _ = runner(tmp_path, fake_bin, {"steps": 40, "stepSeconds": 0.05})
+    r, out = runner(tmp_path, fake_bin, {"steps": 40, "stepSeconds": 0.05})
     result: list[int] = []
     t = threading.Thread(target=lambda: result.append(r.run(timeout=60)))
     t.start()
@@ -74,6 +74,8 @@ def test_killed_worker_is_relaunched_and_resumes(tmp_path: Path, fake_bin: Path)
     attempts = r.job["status"]["attempts"]
     assert attempts[0]["result"] == "failed" and attempts[1]["resumedFrom"].startswith("checkpoint-")
     assert r.job["status"]["restarts"] == 1
+    text = out.getvalue()
+    assert "Warning AttemptFailed: demo-train-1 failed (exit 137)" in text and "Normal Resumed:" in text
 
 
 def test_failure_exits_1_with_the_reason(tmp_path: Path, fake_bin: Path) -> None:
