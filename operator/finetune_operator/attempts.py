@@ -49,14 +49,20 @@ def _close(p: Pass, rec: dict[str, Any], pod: PodObservation | None) -> None:
     if summary.get("resumedFrom") is not None:
         rec["resumedFrom"] = summary["resumedFrom"]
     if rec.get("role") == ROLE_TRAIN and isinstance(summary.get("checkpoint"), str):
-        st["checkpoint"] = {"name": summary["checkpoint"], "step": summary.get("step"), "savedAt": rec["finishedAt"]}
+        st["checkpoint"] = {
+            "name": summary["checkpoint"],
+            "step": summary.get("step"),
+            "savedAt": rec["finishedAt"],
+        }
     if rec.get("role") == ROLE_TRAIN and result == RESULT_COMPLETED and isinstance(summary.get("step"), int):
         prog = dict(st.get("progress") or {})
         prog.update(step=summary["step"], percent=100.0, updatedAt=p.ts)
         prog.setdefault("totalSteps", summary["step"])
         st["progress"] = prog
     if rec.get("role") == ROLE_EXPORT and result == RESULT_COMPLETED:
-        st["export"] = {k: summary[k] for k in ("export", "formats", "maxDeviation", "metrics") if k in summary}
+        st["export"] = {
+            k: summary[k] for k in ("export", "formats", "maxDeviation", "metrics") if k in summary
+        }
         if "export" in st["export"]:
             st["export"]["path"] = st["export"].pop("export")
     p.plan.ended.append((str(rec.get("role")), str(result)))
@@ -66,11 +72,16 @@ def _close(p: Pass, rec: dict[str, Any], pod: PodObservation | None) -> None:
         st["exportFailures" if rec.get("role") == ROLE_EXPORT else "failures"] += 1
     if result != RESULT_COMPLETED and not rec.get("suspended"):
         consecutive = _consecutive_unsuccessful(st["attempts"], str(rec.get("role")))
-        delay = 0.0 if result in INTERRUPTIONS and consecutive <= 1 else backoff_delay(consecutive, p.settings)
+        delay = (
+            0.0 if result in INTERRUPTIONS and consecutive <= 1 else backoff_delay(consecutive, p.settings)
+        )
         st["nextAttemptAfter"] = rfc3339(p.now + dt.timedelta(seconds=math.ceil(delay)))
     bad = result not in (RESULT_COMPLETED,) and not rec.get("suspended")
-    p.event("Warning" if bad and result not in INTERRUPTIONS else "Normal", f"Attempt{str(result).capitalize()}",
-            describe(rec))
+    p.event(
+        "Warning" if bad and result not in INTERRUPTIONS else "Normal",
+        f"Attempt{str(result).capitalize()}",
+        describe(rec),
+    )
 
 
 def _consecutive_unsuccessful(attempts: list[dict[str, Any]], role: str) -> int:

@@ -182,7 +182,9 @@ def build_pod(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [{"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(name, spec)}}],
+        "volumes": [
+            {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(name, spec)}}
+        ],
     }
     if spec.node_selector:
         pod_spec["nodeSelector"] = copy.deepcopy(spec.node_selector)
@@ -210,7 +212,9 @@ def build_event(
     """A core/v1 Event about the job, as `kubectl describe ftj` lists them."""
     meta = job["metadata"]
     stamp = rfc3339(now)
-    digest = hashlib.sha1(f"{meta.get('uid', '')}{reason}{message}{now.isoformat()}{seq}".encode()).hexdigest()[:10]
+    digest = hashlib.sha1(
+        f"{meta.get('uid', '')}{reason}{message}{now.isoformat()}{seq}".encode()
+    ).hexdigest()[:10]
     return {
         "apiVersion": "v1",
         "kind": "Event",

@@ -8,19 +8,29 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune-operator", description="Fine-tune embedding models on Kubernetes.")
+    p = argparse.ArgumentParser(
+        prog="finetune-operator", description="Fine-tune embedding models on Kubernetes."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the operator against a cluster (kopf)")
     scope = run.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
                        help="serve this namespace (repeatable; globs allowed)")  # fmt: skip
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace (default)")
-    run.add_argument("--liveness-port", type=int, default=8080, help="kopf liveness probe at :PORT/healthz (0: off)")
-    run.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics at :PORT/metrics (0: off)")
+    run.add_argument(
+        "--liveness-port", type=int, default=8080, help="kopf liveness probe at :PORT/healthz (0: off)"
+    )
+    run.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus metrics at :PORT/metrics (0: off)"
+    )
     run.add_argument("-v", "--verbose", action="store_true")
-    local = sub.add_parser("local", help="run one FineTuneJob end to end on this machine, pods as local processes")
+    local = sub.add_parser(
+        "local", help="run one FineTuneJob end to end on this machine, pods as local processes"
+    )
     local.add_argument("file", help="a FineTuneJob YAML (e.g. manifests/samples/...)")
-    local.add_argument("--workdir", default=None, help="where the workspace lives (default: ./.finetune/<name>)")
+    local.add_argument(
+        "--workdir", default=None, help="where the workspace lives (default: ./.finetune/<name>)"
+    )
     local.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     return p
 

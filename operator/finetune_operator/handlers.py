@@ -104,7 +104,9 @@ async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any) -> Non
     ns, name = meta.get("namespace"), meta["name"]
     for obj in plan.create:
         created = await kube.create(obj)
-        logger.info("%s %s/%s", "created" if created else "found existing", obj["kind"], obj["metadata"]["name"])
+        logger.info(
+            "%s %s/%s", "created" if created else "found existing", obj["kind"], obj["metadata"]["name"]
+        )
     for d in plan.delete:
         await kube.delete("v1", "pods", ns, d.name, d.grace_seconds)
     if plan.status is not None:

@@ -108,7 +108,9 @@ def load_config() -> KubeConfig:
     path = Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or Path.home() / ".kube" / "config")
     if path.is_file():
         return _from_kubeconfig(path)
-    raise RuntimeError(f"no Kubernetes API server: set {SERVER_ENV}, run in a cluster, or provide a kubeconfig")
+    raise RuntimeError(
+        f"no Kubernetes API server: set {SERVER_ENV}, run in a cluster, or provide a kubeconfig"
+    )
 
 
 def resource_path(api_version: str, plural: str, namespace: str | None = None, name: str | None = None,
@@ -185,7 +187,9 @@ class Kube:
             raise
         return True
 
-    async def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    async def get(
+        self, api_version: str, plural: str, namespace: str | None, name: str
+    ) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
             return dict(await self.request("GET", resource_path(api_version, plural, namespace, name)))
@@ -209,7 +213,11 @@ class Kube:
     async def delete(self, api_version: str, plural: str, namespace: str | None, name: str,
                      grace_seconds: int | None = None) -> bool:  # fmt: skip
         """Delete (background propagation); False when it was already gone."""
-        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
         try:

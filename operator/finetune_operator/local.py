@@ -57,7 +57,13 @@ def load_job(path: Path) -> dict[str, Any]:
     meta.setdefault("name", path.stem.replace("_", "-").lower())
     meta["namespace"] = meta.get("namespace") or "default"
     meta.update(uid=str(uuid.uuid4()), generation=1)
-    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": doc.get("spec") or {}, "status": {}}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": meta,
+        "spec": doc.get("spec") or {},
+        "status": {},
+    }
 
 
 def age(seconds: float) -> str:
@@ -159,7 +165,11 @@ class LocalRunner:
                     self.out.write(f"timed out after {timeout:.0f}s; stopping the worker\n")
                     self.stop()
                     return 1
-                self.wake.wait(min(plan.requeue_after or self.settings.progress_interval, self.settings.progress_interval))
+                self.wake.wait(
+                    min(
+                        plan.requeue_after or self.settings.progress_interval, self.settings.progress_interval
+                    )
+                )
                 self.wake.clear()
         except KeyboardInterrupt:
             self.out.write("interrupted: stopping the worker (it checkpoints first); rerun to resume\n")
@@ -198,10 +208,20 @@ def stage_inputs(job: dict[str, Any], source_dirs: list[Path], workspace: Path) 
     user would copy them onto the PVC. Returns the paths copied; existing workspace files win."""
     spec = job.get("spec") or {}
     dataset = spec.get("dataset") or {}
-    wanted = [dataset.get("path"), (dataset.get("eval") or {}).get("path"), (spec.get("model") or {}).get("base")]
+    wanted = [
+        dataset.get("path"),
+        (dataset.get("eval") or {}).get("path"),
+        (spec.get("model") or {}).get("base"),
+    ]
     copied = []
     for rel in wanted:
-        if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ":" in rel or ".." in Path(rel).parts:
+        if (
+            not isinstance(rel, str)
+            or not rel
+            or Path(rel).is_absolute()
+            or ":" in rel
+            or ".." in Path(rel).parts
+        ):
             continue
         dst = workspace / rel
         src = next((d / rel for d in source_dirs if (d / rel).exists()), None)
@@ -221,7 +241,9 @@ def _format(cols: tuple[str, ...]) -> str:
     return "".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)).rstrip() + "\n"
 
 
-def main(file: str, workdir: str | None = None, timeout: float | None = None, out: TextIO = sys.stdout) -> int:
+def main(
+    file: str, workdir: str | None = None, timeout: float | None = None, out: TextIO = sys.stdout
+) -> int:
     """`finetune-operator local FILE [--workdir DIR]`."""
     try:
         job = load_job(Path(file))

@@ -134,7 +134,8 @@ def _disrupted(status: dict[str, Any]) -> bool:
     if status.get("reason") in EVICTION_REASONS:
         return True
     return any(
-        c.get("type") == DISRUPTION_CONDITION and c.get("status") == "True" for c in status.get("conditions") or []
+        c.get("type") == DISRUPTION_CONDITION and c.get("status") == "True"
+        for c in status.get("conditions") or []
     )
 
 

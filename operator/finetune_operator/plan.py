@@ -45,7 +45,9 @@ class Plan:
     delete_job: bool = False
     permanent_error: str | None = None  # invalid object: handlers raise kopf.PermanentError
     phase: str = S.PHASE_PENDING
-    ended: list[tuple[str, str]] = field(default_factory=list)  # (role, result) of attempts ended in this pass
+    ended: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (role, result) of attempts ended in this pass
 
 
 def parse_time(text: str | None) -> dt.datetime | None:
@@ -80,7 +82,9 @@ class Pass:
             self.st.setdefault(counter, 0)
 
     def event(self, type_: str, reason: str, message: str) -> None:
-        self.plan.events.append(build_event(self.job, type_, reason, message, self.now, len(self.plan.events)))
+        self.plan.events.append(
+            build_event(self.job, type_, reason, message, self.now, len(self.plan.events))
+        )
 
     def phase(self, phase: str, reason: str, message: str) -> None:
         before = self.old.get("phase")
@@ -89,7 +93,11 @@ class Pass:
             self.st.setdefault("completionTime", self.ts)
         if before != phase:
             warn = phase == S.PHASE_FAILED
-            self.event("Warning" if warn else "Normal", reason if warn or phase == S.PHASE_SUSPENDED else phase, message)
+            self.event(
+                "Warning" if warn else "Normal",
+                reason if warn or phase == S.PHASE_SUSPENDED else phase,
+                message,
+            )
 
     def finish(self) -> Plan:
         self.st["attempts"] = self.st["attempts"][-MAX_ATTEMPT_HISTORY:]

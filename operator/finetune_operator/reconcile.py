@@ -30,7 +30,9 @@ from .spec import FineTuneSpec, SpecError, parse_spec
 __all__ = ["Delete", "Plan", "Settings", "reconcile"]
 
 
-def reconcile(job: dict[str, Any], observed: Observed, now: dt.datetime, settings: Settings | None = None) -> Plan:
+def reconcile(
+    job: dict[str, Any], observed: Observed, now: dt.datetime, settings: Settings | None = None
+) -> Plan:
     """Decide what to do for `job` given what exists. See the module docstring.
 
     Args:
@@ -192,21 +194,33 @@ def _launch(p: Pass, spec: FineTuneSpec, role: str, observed: Observed) -> Plan:
     numbers = [pod.attempt for pod in observed.pods if pod.role == role]
     numbers += [int(a.get("attempt") or 0) for a in st["attempts"] if a.get("role") == role]
     attempt = max(numbers, default=0) + 1
-    pod = build_pod(p.job, spec, role, attempt, image=p.settings.worker_image, grace_seconds=p.settings.grace_seconds)
+    pod = build_pod(
+        p.job, spec, role, attempt, image=p.settings.worker_image, grace_seconds=p.settings.grace_seconds
+    )
     p.plan.create.append(pod)
     name = pod["metadata"]["name"]
     resumed = (st.get("checkpoint") or {}).get("name") if role == ROLE_TRAIN else None
     if attempt > 1:
         st["restarts"] += 1
-    st["attempts"].append({"pod": name, "role": role, "attempt": attempt, "startedAt": p.ts, "resumedFrom": resumed})
+    st["attempts"].append(
+        {"pod": name, "role": role, "attempt": attempt, "startedAt": p.ts, "resumedFrom": resumed}
+    )
     st.pop("nextAttemptAfter", None)
     st.setdefault("startTime", p.ts)
     if role == ROLE_EXPORT:
         p.event("Normal", "ExportStarted", f"created export pod {name} (attempt {attempt})")
         p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {name} is pending")
     else:
-        what = f"resuming from {resumed}" if resumed else ("starting over: no checkpoint yet" if attempt > 1 else "starting")
-        p.event("Normal", "Resumed" if attempt > 1 else "Started", f"created training pod {name} (attempt {attempt}), {what}")
+        what = (
+            f"resuming from {resumed}"
+            if resumed
+            else ("starting over: no checkpoint yet" if attempt > 1 else "starting")
+        )
+        p.event(
+            "Normal",
+            "Resumed" if attempt > 1 else "Started",
+            f"created training pod {name} (attempt {attempt}), {what}",
+        )
         p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, f"training pod {name} created, {what}")
     return p.finish()
 
@@ -216,10 +230,20 @@ def _running(p: Pass, role: str, pod: PodObservation) -> Plan:
         p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {pod.name} is {pod.phase.lower()}")
     elif pod.phase == "Running":
         prog = p.st.get("progress") or {}
-        where = f"step {prog.get('step')}/{prog.get('totalSteps')}" if prog.get("step") is not None else "started"
+        where = (
+            f"step {prog.get('step')}/{prog.get('totalSteps')}" if prog.get("step") is not None else "started"
+        )
         p.phase(S.PHASE_TRAINING, S.REASON_TRAINING, f"training pod {pod.name}: {where}")
     elif pod.waiting_reason:
-        p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, f"training pod {pod.name} is waiting: {pod.waiting_reason}")
+        p.phase(
+            S.PHASE_PENDING,
+            S.REASON_POD_STARTING,
+            f"training pod {pod.name} is waiting: {pod.waiting_reason}",
+        )
     else:  # keep the launch message ("created, resuming from ..."): nothing new to say, nothing to write
-        p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, str(p.st.get("message") or f"training pod {pod.name} is pending"))
+        p.phase(
+            S.PHASE_PENDING,
+            S.REASON_POD_STARTING,
+            str(p.st.get("message") or f"training pod {pod.name} is pending"),
+        )
     return p.finish()

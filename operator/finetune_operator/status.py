@@ -61,7 +61,9 @@ def set_condition(
         out.append({"type": type_, "status": value, "reason": reason, "message": message,
                     "lastTransitionTime": transition})  # fmt: skip
     if not found:
-        out.append({"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": now})
+        out.append(
+            {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": now}
+        )
     order = {t: i for i, t in enumerate(CONDITION_TYPES)}
     return sorted(out, key=lambda c: order.get(str(c.get("type")), len(order)))
 
@@ -77,7 +79,14 @@ def set_phase(status: dict[str, Any], phase: str, reason: str, message: str, now
     """Set `phase`, `message` and all four conditions coherently for it (in place)."""
     conds = list(status.get("conditions") or [])
     active = phase in (PHASE_TRAINING, PHASE_EXPORTING)
-    conds = set_condition(conds, COND_TRAINING, active, reason if active else _idle_reason(phase), message if active else "", now)
+    conds = set_condition(
+        conds,
+        COND_TRAINING,
+        active,
+        reason if active else _idle_reason(phase),
+        message if active else "",
+        now,
+    )
     conds = set_condition(conds, COND_SUSPENDED, phase == PHASE_SUSPENDED,
                           reason if phase == PHASE_SUSPENDED else _idle_reason(phase),
                           message if phase == PHASE_SUSPENDED else "", now)  # fmt: skip

@@ -47,7 +47,9 @@ def test_run_serves_liveness_and_metrics_and_reconciles(cluster: Cluster) -> Non
     proc = subprocess.Popen([str(exe), "run", "--namespace", "default", "--liveness-port", str(live),
                              "--metrics-port", str(prom)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        cluster.wait_for(lambda: fetch(f"http://127.0.0.1:{live}/healthz")[0] == 200, 60, what="liveness probe")
+        cluster.wait_for(
+            lambda: fetch(f"http://127.0.0.1:{live}/healthz")[0] == 200, 60, what="liveness probe"
+        )
         cluster.create(finetune_job("cli-job", {"dataset": {"inline": [{"question": "q", "answer": "a"}]}}))
         cluster.wait_for(lambda: cluster.pod("cli-job-train-1"), 30, what="training pod")
         text = cluster.wait_for(lambda: (t := fetch(f"http://127.0.0.1:{prom}/metrics")[1])

@@ -201,14 +201,18 @@ def test_eviction_does_not_consume_backoff_limit(cluster: Cluster, operator: Ope
     assert st["attempts"][1]["resumedFrom"]
 
 
-def test_ttl_deletes_the_job_and_reclaim_policy_decides_the_claim(cluster: Cluster, operator: OperatorRunner) -> None:
+def test_ttl_deletes_the_job_and_reclaim_policy_decides_the_claim(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
     for name in ("keep", "drop"):
         configure(cluster, f"{name}-workspace", steps=3)
     cluster.create(finetune_job("keep", spec(ttlSecondsAfterFinished=1)))
     cluster.create(finetune_job("drop", spec(ttlSecondsAfterFinished=1, storage={"reclaimPolicy": "Delete"})))
     for name in ("keep", "drop"):
         cluster.wait_for(lambda n=name: cluster.job(n) is None, 60, what=f"{name} deleted by its TTL")
-    cluster.wait_for(lambda: cluster.pods(label_selector="finetune.dev/job") == [], 30, what="children collected")
+    cluster.wait_for(
+        lambda: cluster.pods(label_selector="finetune.dev/job") == [], 30, what="children collected"
+    )
     assert cluster.get("v1", "persistentvolumeclaims", "default", "keep-workspace") is not None  # Retain
     cluster.wait_for(lambda: cluster.get("v1", "persistentvolumeclaims", "default", "drop-workspace") is None, 30,
                      what="the Delete claim collected")  # fmt: skip

@@ -28,10 +28,18 @@ def test_training_pod_is_secure_resumable_and_owned() -> None:
     c = ps["containers"][0]
     assert meta["name"] == "faq-train-2" and meta["namespace"] == "ml"
     assert meta["labels"]["finetune.dev/job"] == "faq" and meta["labels"]["finetune.dev/role"] == "train"
-    assert meta["labels"]["finetune.dev/attempt"] == "2" and meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert (
+        meta["labels"]["finetune.dev/attempt"] == "2"
+        and meta["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    )
     assert meta["ownerReferences"] == [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "faq",
                                         "uid": "u-1", "controller": True, "blockOwnerDeletion": True}]  # fmt: skip
-    assert c["image"] == "worker:1" and c["command"] == ["finetune-worker", "train", "--workspace", "/workspace"]
+    assert c["image"] == "worker:1" and c["command"] == [
+        "finetune-worker",
+        "train",
+        "--workspace",
+        "/workspace",
+    ]
     assert c["resources"]["limits"]["amd.com/gpu"] == 2 and c["resources"]["requests"]["cpu"] == "8"
     assert c["resources"]["limits"]["memory"] == "32Gi"
     assert ps["restartPolicy"] == "Never" and ps["automountServiceAccountToken"] is False
@@ -53,7 +61,9 @@ def test_user_fragments_are_copied_not_shared() -> None:
     pod["spec"]["tolerations"][0]["key"] = "changed"
     pod["spec"]["nodeSelector"]["pool"] = "changed"
     assert JOB["spec"]["tolerations"][0]["key"] == "gpu" and JOB["spec"]["nodeSelector"]["pool"] == "gpu"
-    assert pod["metadata"]["name"] == "faq-export-1" and pod["spec"]["containers"][0]["command"][1] == "export"
+    assert (
+        pod["metadata"]["name"] == "faq-export-1" and pod["spec"]["containers"][0]["command"][1] == "export"
+    )
 
 
 def test_cpu_only_pod_asks_for_no_gpu_and_spec_image_wins() -> None:
@@ -64,7 +74,10 @@ def test_cpu_only_pod_asks_for_no_gpu_and_spec_image_wins() -> None:
 
 def test_claim_is_owned_only_when_reclaim_policy_is_delete() -> None:
     keep = build_pvc(JOB, parse_spec({**JOB["spec"], "storage": {"size": "5Gi", "storageClassName": "fast"}}))
-    assert "ownerReferences" not in keep["metadata"] and keep["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert (
+        "ownerReferences" not in keep["metadata"]
+        and keep["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    )
     assert keep["spec"]["storageClassName"] == "fast" and keep["metadata"]["name"] == "faq-workspace"
     gone = build_pvc(JOB, parse_spec({**JOB["spec"], "storage": {"reclaimPolicy": "Delete"}}))
     assert gone["metadata"]["ownerReferences"][0]["uid"] == "u-1"
@@ -73,6 +86,16 @@ def test_claim_is_owned_only_when_reclaim_policy_is_delete() -> None:
 def test_event_and_config_size() -> None:
     import datetime as dt
 
-    ev = build_event(JOB, "Warning", "BackoffLimitExceeded", "failed 4 times", dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
-    assert ev["involvedObject"]["name"] == "faq" and ev["type"] == "Warning" and ev["lastTimestamp"] == "2026-01-01T00:00:00Z"
+    ev = build_event(
+        JOB,
+        "Warning",
+        "BackoffLimitExceeded",
+        "failed 4 times",
+        dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    )
+    assert (
+        ev["involvedObject"]["name"] == "faq"
+        and ev["type"] == "Warning"
+        and ev["lastTimestamp"] == "2026-01-01T00:00:00Z"
+    )
     assert config_too_large(JOB) is None and len(worker_config(JOB)) < 1000

@@ -17,7 +17,9 @@ def test_plain_server_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.server == "http://127.0.0.1:8001" and cfg.token is None and cfg.ssl_context() is False
 
 
-def test_kubeconfig_current_context_with_inline_ca_and_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_kubeconfig_current_context_with_inline_ca_and_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.delenv("FINETUNE_KUBE_SERVER", raising=False)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     doc = {
@@ -46,7 +48,11 @@ def test_no_server_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_resource_paths() -> None:
-    assert kube.resource_path("v1", "pods", "ml", "j-train-1", "log") == "/api/v1/namespaces/ml/pods/j-train-1/log"
+    assert (
+        kube.resource_path("v1", "pods", "ml", "j-train-1", "log")
+        == "/api/v1/namespaces/ml/pods/j-train-1/log"
+    )
     assert kube.resource_path("finetune.dev/v1alpha1", "finetunejobs", "ml", "j", "status") == (
-        "/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs/j/status")
+        "/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs/j/status"
+    )
     assert kube.resource_path("v1", "namespaces") == "/api/v1/namespaces"

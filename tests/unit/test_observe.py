@@ -11,8 +11,13 @@ from finetune_operator.observe import classify, observe_pod, parse_log_tail, par
 
 
 def terminated(code: int, reason: str = "Error", phase: str = "Failed", **pod_status: Any) -> dict[str, Any]:
-    return {"phase": phase, **pod_status,
-            "containerStatuses": [{"name": "worker", "state": {"terminated": {"exitCode": code, "reason": reason}}}]}
+    return {
+        "phase": phase,
+        **pod_status,
+        "containerStatuses": [
+            {"name": "worker", "state": {"terminated": {"exitCode": code, "reason": reason}}}
+        ],
+    }
 
 
 @pytest.mark.parametrize(
@@ -65,8 +70,16 @@ def test_progress_and_checkpoint_come_from_the_last_json_lines() -> None:
 
 
 def test_deleting_and_waiting_pods() -> None:
-    pod = {"metadata": {"name": "j-train-1", "deletionTimestamp": "2026-01-01T00:00:00Z",
-                        "labels": {"finetune.dev/role": "train", "finetune.dev/attempt": "1"}},
-           "status": {"phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}
+    pod = {
+        "metadata": {
+            "name": "j-train-1",
+            "deletionTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {"finetune.dev/role": "train", "finetune.dev/attempt": "1"},
+        },
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff"}}}],
+        },
+    }
     obs = observe_pod(pod)
     assert obs.deleting and not obs.ended and obs.waiting_reason == "ImagePullBackOff"

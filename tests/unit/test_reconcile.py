@@ -17,8 +17,14 @@ T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 SETTINGS = Settings(worker_image="worker:test", backoff_base=10, backoff_max=300, grace_seconds=120)
 
 
-def job(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, generation: int = 1) -> dict[str, Any]:
-    base = {"dataset": {"inline": [{"question": "q", "answer": "a"}]}, "resources": {"gpus": 0}, "backoffLimit": 2}
+def job(
+    spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, generation: int = 1
+) -> dict[str, Any]:
+    base = {
+        "dataset": {"inline": [{"question": "q", "answer": "a"}]},
+        "resources": {"gpus": 0},
+        "backoffLimit": 2,
+    }
     return {
         "apiVersion": "finetune.dev/v1alpha1",
         "kind": "FineTuneJob",
@@ -44,7 +50,9 @@ def apply(j: dict[str, Any], plan: Plan) -> dict[str, Any]:
     return j
 
 
-def step(j: dict[str, Any], pods: list[PodObservation], now: dt.datetime = T0, claim: bool = True) -> tuple[dict[str, Any], Plan]:
+def step(
+    j: dict[str, Any], pods: list[PodObservation], now: dt.datetime = T0, claim: bool = True
+) -> tuple[dict[str, Any], Plan]:
     plan = reconcile(j, Observed(pods=tuple(pods), claim_exists=claim), now, SETTINGS)
     return apply(j, plan), plan
 
@@ -67,7 +75,11 @@ def test_new_job_creates_claim_then_training_pod_and_is_pending() -> None:
     j, plan = step(job(), [], claim=False)
     assert kinds(plan) == [("PersistentVolumeClaim", "faq-workspace"), ("Pod", "faq-train-1")]
     st = j["status"]
-    assert st["phase"] == "Pending" and st["observedGeneration"] == 1 and st["startTime"] == "2026-01-01T12:00:00Z"
+    assert (
+        st["phase"] == "Pending"
+        and st["observedGeneration"] == 1
+        and st["startTime"] == "2026-01-01T12:00:00Z"
+    )
     assert st["attempts"] == [{"pod": "faq-train-1", "role": "train", "attempt": 1,
                                "startedAt": "2026-01-01T12:00:00Z", "resumedFrom": None}]  # fmt: skip
     assert get_condition(st, "Succeeded")["status"] == "False"
@@ -149,21 +161,31 @@ def test_backoff_limit_exhausted_fails_with_the_reason() -> None:
 
 def test_invalid_exit_fails_at_once() -> None:
     j = started(job({"backoffLimit": 5}))
-    j, plan = step(j, [pod("faq-train-1", "Failed", "invalid", exit_code=2, message="column 'answer' missing")])
+    j, plan = step(
+        j, [pod("faq-train-1", "Failed", "invalid", exit_code=2, message="column 'answer' missing")]
+    )
     assert j["status"]["phase"] == "Failed" and j["status"]["reason"] == "InvalidConfigOrData"
     assert "column 'answer' missing" in j["status"]["message"] and plan.create == []
 
 
 def test_completed_training_starts_export_and_export_failure_retries_export_only() -> None:
     j = started(job())
-    done = pod("faq-train-1", "Succeeded", "completed", exit_code=0, summary={"step": 120, "checkpoint": "checkpoint-120"})
+    done = pod(
+        "faq-train-1",
+        "Succeeded",
+        "completed",
+        exit_code=0,
+        summary={"step": 120, "checkpoint": "checkpoint-120"},
+    )
     j, plan = step(j, [done])
     assert kinds(plan) == [("Pod", "faq-export-1")] and j["status"]["phase"] == "Exporting"
     assert plan.create[0]["spec"]["containers"][0]["command"][:2] == ["finetune-worker", "export"]
     assert j["status"]["progress"]["percent"] == 100.0
     j, plan = step(j, [done, pod("faq-export-1", "Failed", "failed", exit_code=1)])
     assert j["status"]["exportFailures"] == 1 and j["status"]["failures"] == 0
-    j, plan = step(j, [done, pod("faq-export-1", "Failed", "failed", exit_code=1)], T0 + dt.timedelta(seconds=11))
+    j, plan = step(
+        j, [done, pod("faq-export-1", "Failed", "failed", exit_code=1)], T0 + dt.timedelta(seconds=11)
+    )
     assert kinds(plan) == [("Pod", "faq-export-2")]
 
 
@@ -190,14 +212,23 @@ def test_suspend_stops_the_pod_gracefully_then_resume_continues_from_the_checkpo
     j, plan = step(j, [pod("faq-train-1")])
     assert [(d.name, d.grace_seconds) for d in plan.delete] == [("faq-train-1", 120)]
     assert j["status"]["phase"] == "Suspended" and j["status"]["reason"] == "Suspending"
-    stopped = pod("faq-train-1", "Failed", "preempted", exit_code=75, summary={"checkpoint": "checkpoint-25", "step": 25})
+    stopped = pod(
+        "faq-train-1",
+        "Failed",
+        "preempted",
+        exit_code=75,
+        summary={"checkpoint": "checkpoint-25", "step": 25},
+    )
     j, plan = step(j, [stopped])
     st = j["status"]
     assert st["reason"] == "Suspended" and get_condition(st, "Suspended")["status"] == "True"
     assert st["preemptions"] == 0 and plan.create == [] and "checkpoint-25" in st["message"]
     j["spec"]["suspend"] = False
     j, plan = step(j, [stopped])
-    assert kinds(plan) == [("Pod", "faq-train-2")] and j["status"]["attempts"][-1]["resumedFrom"] == "checkpoint-25"
+    assert (
+        kinds(plan) == [("Pod", "faq-train-2")]
+        and j["status"]["attempts"][-1]["resumedFrom"] == "checkpoint-25"
+    )
     assert get_condition(j["status"], "Suspended")["status"] == "False"
 
 
@@ -252,4 +283,6 @@ def test_operator_restart_adopts_existing_pods_without_duplicates() -> None:
 def test_finished_job_deletes_stray_pods_and_does_nothing_else() -> None:
     j = job(status={"phase": "Succeeded", "completionTime": "2026-01-01T11:00:00Z", "attempts": []})
     _, plan = step(j, [pod("faq-train-9")])
-    assert [d.name for d in plan.delete] == ["faq-train-9"] and plan.create == [] and plan.requeue_after is None
+    assert (
+        [d.name for d in plan.delete] == ["faq-train-9"] and plan.create == [] and plan.requeue_after is None
+    )

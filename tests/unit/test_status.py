@@ -28,6 +28,13 @@ def test_phase_sets_every_condition_coherently() -> None:
 
 def test_patch_only_when_changed() -> None:
     old = {"phase": "Training", "progress": {"step": 3, "updatedAt": "t1"}, "nextAttemptAfter": "x"}
-    assert S.status_patch(old, {"phase": "Training", "progress": {"step": 3, "updatedAt": "t2"}, "nextAttemptAfter": "x"}) is None
+    assert (
+        S.status_patch(
+            old, {"phase": "Training", "progress": {"step": 3, "updatedAt": "t2"}, "nextAttemptAfter": "x"}
+        )
+        is None
+    )
     assert S.status_patch(old, {"phase": "Training", "progress": {"step": 4, "updatedAt": "t2"}}) == {
-        "progress": {"step": 4, "updatedAt": "t2"}, "nextAttemptAfter": None}
+        "progress": {"step": 4, "updatedAt": "t2"},
+        "nextAttemptAfter": None,
+    }

@@ -74,7 +74,9 @@ def missing(value: Any, schema: dict[str, Any], path: str) -> list[str]:
 def test_every_status_field_is_in_the_crd_schema() -> None:
     if not CRD.is_file():
         pytest.skip(f"{CRD} not in this checkout yet")
-    crd = next(d for d in yaml.safe_load_all(CRD.read_text()) if d and d.get("kind") == "CustomResourceDefinition")
+    crd = next(
+        d for d in yaml.safe_load_all(CRD.read_text()) if d and d.get("kind") == "CustomResourceDefinition"
+    )
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     schema = version["schema"]["openAPIV3Schema"]["properties"]["status"]
     gaps = sorted({m for st in lifecycle_statuses() for m in missing(st, schema, "status")})
