@@ -48,6 +48,14 @@ MAX_INLINE_RECORDS = 10_000  # inline data lives in etcd; larger sets belong in 
 MAX_NAME_LEN = 63
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# Kubernetes qualified names (label keys, extended resource names): [prefix/]name
+_QUALIFIED = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_NO_SPACE = re.compile(r"^[^\s]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 _SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -265,6 +273,8 @@ class _Obj:
             raise SpecError(self.at(key), f"must be at most {max_len} characters")
         if "\x00" in v:
             raise SpecError(self.at(key), "must not contain NUL characters")
+        if _CONTROL.search(v):
+            raise SpecError(self.at(key), "must not contain control characters (newlines, tabs, escapes)")
         if choices is not None and v not in choices:
             raise SpecError(self.at(key), f"unknown value {_show(v)}; expected one of: {', '.join(choices)}")
         return v
@@ -325,7 +335,20 @@ def _records(v: Any, path: str) -> tuple[dict[str, Any], ...]:
     for i, r in enumerate(v):
         if not isinstance(r, dict) or not r:
             raise SpecError(f"{path}[{i}]", f"must be a non-empty object, got {_kind(r)}")
+        for k, x in r.items():
+            # a column holds text, a number or a flat list of them; nothing nested (a 1000-deep
+            # object would blow the recursion limit of every JSON encoder on its way to the pod)
+            items = x if isinstance(x, list) else [x]
+            if not isinstance(k, str) or not all(isinstance(y, (str, int, float, bool)) or y is None for y in items):
+                raise SpecError(f"{path}[{i}].{k}", "a record maps column names to text, numbers or flat lists of them")
     return tuple(v)
+
+
+def _k8s_name(o: _Obj, key: str, pattern: re.Pattern[str], what: str, max_len: int = 253) -> str | None:
+    v = o.str(key, None, max_len=max_len)
+    if v is not None and not pattern.match(v):
+        raise SpecError(o.at(key), f"not a valid {what}: {_show(v)}")
+    return v
 
 
 # --------------------------------------------------------------------------- sections
@@ -433,6 +456,12 @@ def _loss_params(loss: str, v: Any, path: str) -> dict[str, Any]:
         inner = v.get("innerLoss", "MultipleNegativesRankingLoss")
         if inner not in INNER_LOSSES:
             raise SpecError(f"{path}.innerLoss", f"unknown inner loss {_show(inner)}; expected one of: {', '.join(INNER_LOSSES)}")
+    tie = v.get("tieEncoderDecoder")
+    if tie is not None and not isinstance(tie, bool):
+        raise SpecError(f"{path}.tieEncoderDecoder", f"must be true or false, got {_kind(tie)}")
+    ratio = v.get("noiseDeleteRatio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
+        raise SpecError(f"{path}.noiseDeleteRatio", "must be a number in [0, 1)")
     mbs = v.get("miniBatchSize")
     if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
         raise SpecError(f"{path}.miniBatchSize", "must be a positive integer")
@@ -466,7 +495,8 @@ def _lora(v: Any, path: str) -> LoraSpec | None:
         return None
     o = _Obj(v, path)
     tm = o.get("targetModules")
-    if tm is not None and (not isinstance(tm, list) or not tm or not all(isinstance(x, str) and x for x in tm)):
+    if tm is not None and (not isinstance(tm, list) or not tm
+                           or not all(isinstance(x, str) and _NO_SPACE.match(x) and len(x) <= 253 for x in tm)):
         raise SpecError(o.at("targetModules"), "must be a non-empty list of module names")
     lo = LoraSpec(r=o.int("r", 8, lo=1, hi=4096) or 8,
                   alpha=o.int("alpha", 16, lo=1, hi=1_000_000) or 16,
@@ -521,7 +551,8 @@ def _quantity(o: _Obj, key: str, default: str) -> str:
 
 def _resources(o: _Obj) -> ResourcesSpec:
     r = ResourcesSpec(gpus=o.int("gpus", 1, lo=0, hi=64) or 0,
-                      gpu_resource=o.str("gpuResource", "nvidia.com/gpu") or "nvidia.com/gpu",
+                      gpu_resource=_k8s_name(o, "gpuResource", _QUALIFIED, "resource name (e.g. nvidia.com/gpu)")
+                      or "nvidia.com/gpu",
                       cpu=_quantity(o, "cpu", "4"), memory=_quantity(o, "memory", "16Gi"))
     o.done()
     return r
@@ -532,7 +563,7 @@ def _storage(o: _Obj) -> StorageSpec:
     if claim is not None and not _DNS_LABEL.match(claim):
         raise SpecError(o.at("claimName"), f"not a PersistentVolumeClaim name: {_show(claim)}")
     s = StorageSpec(claim_name=claim, size=_quantity(o, "size", "20Gi"),
-                    storage_class_name=o.str("storageClassName", None),
+                    storage_class_name=_k8s_name(o, "storageClassName", _DNS_SUBDOMAIN, "StorageClass name"),
                     reclaim_policy=o.str("reclaimPolicy", "Retain", choices=RECLAIM_POLICIES) or "Retain")
     o.done()
     return s
@@ -546,9 +577,18 @@ def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
     tolerations = o.get("tolerations") or []
     if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
         raise SpecError(o.at("tolerations"), "must be a list of toleration objects")
+    for i, t in enumerate(tolerations):
+        for k, v in t.items():
+            if k not in TOLERATION_KEYS:
+                raise SpecError(f"{o.at('tolerations')}[{i}].{k}", f"unknown field (known: {', '.join(TOLERATION_KEYS)})")
+            if isinstance(v, bool) or not isinstance(v, int if k == "tolerationSeconds" else str):
+                raise SpecError(f"{o.at('tolerations')}[{i}].{k}", "must be " + ("an integer" if k == "tolerationSeconds" else "a string"))
     node_selector = o.get("nodeSelector") or {}
     if not isinstance(node_selector, dict) or not all(isinstance(v, str) for v in node_selector.values()):
         raise SpecError(o.at("nodeSelector"), "must map label names to string values")
+    for k, v in node_selector.items():
+        if not isinstance(k, str) or len(k) > 316 or not _QUALIFIED.match(k) or len(v) > 63 or not _LABEL_VALUE.match(v):
+            raise SpecError(f"{o.at('nodeSelector')}.{k}", f"not a node label: {_show(k)}={_show(v)}")
     queue = o.str("queueName", None)
     if queue is not None and not _DNS_LABEL.match(queue):
         raise SpecError(o.at("queueName"), f"not a LocalQueue name: {_show(queue)}")
@@ -559,10 +599,10 @@ def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
         lora=_lora(o.get("lora"), lora_path),
         export=_export(o.sub("export")),
         resources=_resources(o.sub("resources")),
-        image=o.str("image", None, max_len=1024),
+        image=_k8s_name(o, "image", _NO_SPACE, "container image reference", max_len=1024),
         node_selector=dict(node_selector),
         tolerations=tuple(tolerations),
-        priority_class_name=o.str("priorityClassName", None),
+        priority_class_name=_k8s_name(o, "priorityClassName", _DNS_SUBDOMAIN, "PriorityClass name"),
         queue_name=queue,
         storage=_storage(o.sub("storage")),
         backoff_limit=o.int("backoffLimit", 3, lo=0, hi=100) or 0,
