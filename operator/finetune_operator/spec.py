@@ -53,7 +53,7 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _QUALIFIED = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                         r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_NO_SPACE = re.compile(r"^[^\s]+$")
+_NO_SPACE = re.compile(r"^[^\s\x00-\x1f\x7f]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
@@ -421,7 +421,7 @@ def _dataset(o: _Obj) -> DatasetSpec:
 
 
 def _checkpoint(o: _Obj) -> CheckpointSpec:
-    c = CheckpointSpec(every_steps=o.int("everySteps", 100, lo=1) or 100,
+    c = CheckpointSpec(every_steps=o.int("everySteps", 100, lo=1, hi=10**9) or 100,
                        keep=o.int("keep", 3, lo=1, hi=1000) or 3,
                        on_preemption=o.bool("onPreemption", True))
     o.done()
