@@ -216,3 +216,19 @@ def test_ttl_deletes_the_job_and_reclaim_policy_decides_the_claim(
     assert cluster.get("v1", "persistentvolumeclaims", "default", "keep-workspace") is not None  # Retain
     cluster.wait_for(lambda: cluster.get("v1", "persistentvolumeclaims", "default", "drop-workspace") is None, 30,
                      what="the Delete claim collected")  # fmt: skip
+
+
+def test_pod_ending_while_the_operator_is_down_is_picked_up(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    configure(cluster, "down-workspace", steps=40, stepSeconds=0.05)
+    cluster.create(finetune_job("down", spec()))
+    cluster.wait_for(lambda: status(cluster, "down").get("checkpoint"), 30, what="a checkpoint")
+    operator.stop()
+    cluster.kubelet.kill("down-train-1", signal.SIGKILL)
+    cluster.wait_for(lambda: (cluster.pod("down-train-1") or {}).get("status", {}).get("phase") == "Failed", 30,
+                     what="the pod to fail")  # fmt: skip
+    operator.start()
+    st = wait_phase(cluster, "down", "Succeeded", 60)
+    assert st["attempts"][0]["result"] == "failed" and st["attempts"][1]["resumedFrom"]
+    assert [a["pod"] for a in st["attempts"] if a["role"] == "train"] == ["down-train-1", "down-train-2"]
