@@ -39,6 +39,7 @@ EVICTION_REASONS = ("Evicted", "NodeLost", "Shutdown", "NodeShutdown", "Terminat
 DISRUPTION_CONDITION = "DisruptionTarget"
 # Results that are the platform's doing, not the workload's: they never consume backoffLimit.
 INTERRUPTIONS = (RESULT_PREEMPTED, RESULT_EVICTED)
+EXPORT_EVENT = "export"
 PROGRESS_FIELDS = ("step", "totalSteps", "epoch", "loss", "samplesPerSecond")
 LOG_TAIL_LINES = 40
 
@@ -62,6 +63,7 @@ class PodObservation:
     waiting_reason: str | None = None  # ImagePullBackOff, CreateContainerConfigError, ...
     progress: dict[str, Any] | None = None  # last progress line of the log tail
     checkpoint: dict[str, Any] | None = None  # last checkpoint line of the log tail
+    stage: str | None = None  # last export stage line of the log tail (loading, merged, verified, ...)
 
     @property
     def ended(self) -> bool:
@@ -112,6 +114,25 @@ def parse_log_tail(text: str | None) -> tuple[dict[str, Any] | None, dict[str, A
         elif kind == CHECKPOINT_EVENT and checkpoint is None and isinstance(doc.get("name"), str):
             checkpoint = {"name": doc["name"], "step": doc.get("step")}
     return progress, checkpoint
+
+
+def parse_export_stage(text: str | None) -> str | None:
+    """The stage of the last `{"event": "export", "stage": ...}` line of a log tail."""
+    for line in (text or "").splitlines()[::-1]:
+        line = line.strip()
+        if not line.startswith("{") or '"export"' not in line:
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if (
+            isinstance(doc, dict)
+            and doc.get(PROGRESS_KEY) == EXPORT_EVENT
+            and isinstance(doc.get("stage"), str)
+        ):
+            return str(doc["stage"])
+    return None
 
 
 def _terminated(status: dict[str, Any]) -> dict[str, Any] | None:
@@ -199,4 +220,5 @@ def observe_pod(pod: dict[str, Any], log_tail: str | None = None) -> PodObservat
         waiting_reason=_waiting_reason(status),
         progress=progress,
         checkpoint=checkpoint,
+        stage=parse_export_stage(log_tail) if labels.get(LABEL_ROLE) == "export" else None,
     )

@@ -227,7 +227,8 @@ def _launch(p: Pass, spec: FineTuneSpec, role: str, observed: Observed) -> Plan:
 
 def _running(p: Pass, role: str, pod: PodObservation) -> Plan:
     if role == ROLE_EXPORT:
-        p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {pod.name} is {pod.phase.lower()}")
+        where = f"stage {pod.stage}" if pod.stage else f"is {pod.phase.lower()}"
+        p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {pod.name} {where}")
     elif pod.phase == "Running":
         prog = p.st.get("progress") or {}
         where = (

@@ -83,3 +83,11 @@ def test_deleting_and_waiting_pods() -> None:
     }
     obs = observe_pod(pod)
     assert obs.deleting and not obs.ended and obs.waiting_reason == "ImagePullBackOff"
+
+
+def test_export_stage_is_read_from_the_export_pods_log() -> None:
+    tail = "\n".join([json.dumps({"event": "export", "stage": "merged"}), json.dumps({"event": "export", "stage": "verified",
+                      "maxDeviation": 1e-7}), "INFO something"])  # fmt: skip
+    pod = {"metadata": {"name": "j-export-1", "labels": {"finetune.dev/role": "export", "finetune.dev/attempt": "1"}},
+           "status": {"phase": "Running"}}  # fmt: skip
+    assert observe_pod(pod, tail).stage == "verified"

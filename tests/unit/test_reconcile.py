@@ -181,6 +181,11 @@ def test_completed_training_starts_export_and_export_failure_retries_export_only
     assert kinds(plan) == [("Pod", "faq-export-1")] and j["status"]["phase"] == "Exporting"
     assert plan.create[0]["spec"]["containers"][0]["command"][:2] == ["finetune-worker", "export"]
     assert j["status"]["progress"]["percent"] == 100.0
+    j, _ = step(j, [done, pod("faq-export-1", stage="verified")])
+    assert (
+        j["status"]["phase"] == "Exporting"
+        and j["status"]["message"] == "export pod faq-export-1 stage verified"
+    )
     j, plan = step(j, [done, pod("faq-export-1", "Failed", "failed", exit_code=1)])
     assert j["status"]["exportFailures"] == 1 and j["status"]["failures"] == 0
     j, plan = step(
