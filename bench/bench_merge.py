@@ -72,15 +72,18 @@ def build(workdir: Path, shard_size: str) -> tuple[Path, Path, int]:
         torch.manual_seed(0)
         model = BertModel(BertConfig())  # bert-base-uncased geometry: 12 x 768, vocab 30522
         model.save_pretrained(base, max_shard_size=shard_size)
-        pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32,
-                                              target_modules=["query", "key", "value", "dense"]))
+        pm = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, target_modules=["query", "key", "value", "dense"])
+        )
         with torch.no_grad():
             for name, p in pm.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
         pm.save_pretrained(adapter)
         del model, pm
-    n_params = json.loads((base / "model.safetensors.index.json").read_text())["metadata"].get("total_parameters", 0)
+    n_params = json.loads((base / "model.safetensors.index.json").read_text())["metadata"].get(
+        "total_parameters", 0
+    )
     return base, adapter, n_params
 
 
@@ -90,8 +93,13 @@ def measure(mode: str, base: Path, adapter: Path, workdir: Path, shard_bytes: in
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO / "operator"), "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, mode, str(base), str(adapter), str(out), str(shard_bytes)],
-                       capture_output=True, text=True, env=env, check=False)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(base), str(adapter), str(out), str(shard_bytes)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if p.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{p.stderr[-3000:]}")
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -117,9 +125,22 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if not (workdir / "base" / "model.safetensors.index.json").exists():  # build in a child: keep this process small
-        subprocess.run([sys.executable, __file__, "--build-only", "--workdir", str(workdir),
-                        "--shard-size", args.shard_size], check=True, env={**os.environ, "PYTHONPATH": str(REPO / "operator")})
+    if not (
+        workdir / "base" / "model.safetensors.index.json"
+    ).exists():  # build in a child: keep this process small
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--build-only",
+                "--workdir",
+                str(workdir),
+                "--shard-size",
+                args.shard_size,
+            ],
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(REPO / "operator")},
+        )
     base, adapter, n_params = build(workdir, args.shard_size)
     files = sorted(base.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
@@ -127,14 +148,19 @@ def main() -> None:
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    print(f"model: {n_params / 1e6:.1f}M parameters, {size / 1e6:.0f} MB in {len(files)} shards "
-          f"(build {time.perf_counter() - t0:.1f}s); adapter r=16 on query/key/value/dense")
+    print(
+        f"model: {n_params / 1e6:.1f}M parameters, {size / 1e6:.0f} MB in {len(files)} shards "
+        f"(build {time.perf_counter() - t0:.1f}s); adapter r=16 on query/key/value/dense"
+    )
     best: dict[str, dict] = {}
     for _ in range(args.repeat):
         for mode in ("copy", "streaming", "peft"):
             r = measure(mode, base, adapter, workdir, shard_bytes)
-            print(f"  {mode:9s} {r['seconds']:6.2f}s (process {r['process_seconds']:5.1f}s)  "
-                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  wrote {r['out_bytes'] / 1e6:.0f} MB", flush=True)
+            print(
+                f"  {mode:9s} {r['seconds']:6.2f}s (process {r['process_seconds']:5.1f}s)  "
+                f"peak RSS {r['peak_rss_mb']:7.0f} MB  wrote {r['out_bytes'] / 1e6:.0f} MB",
+                flush=True,
+            )
             b = best.setdefault(mode, r)
             b["seconds"] = min(b["seconds"], r["seconds"])
             b["peak_rss_mb"] = min(b["peak_rss_mb"], r["peak_rss_mb"])
@@ -142,10 +168,16 @@ def main() -> None:
     rss_ratio = s["peak_rss_mb"] / p["peak_rss_mb"]
     time_ratio = s["seconds"] / p["seconds"]
     tp_ratio = (size / s["seconds"]) / (size / c["seconds"])
-    print(f"peak RSS   streaming/peft  = {s['peak_rss_mb']:.0f}/{p['peak_rss_mb']:.0f} MB = {rss_ratio:.2f}  (goal <= 0.5)")
-    print(f"wall time  streaming/peft  = {s['seconds']:.2f}/{p['seconds']:.2f} s = {time_ratio:.2f}  (goal <= 1.0)")
-    print(f"throughput streaming/copy  = {size / s['seconds'] / 1e6:.0f}/{size / c['seconds'] / 1e6:.0f} MB/s "
-          f"= {tp_ratio:.2f}  (goal >= 0.5)")
+    print(
+        f"peak RSS   streaming/peft  = {s['peak_rss_mb']:.0f}/{p['peak_rss_mb']:.0f} MB = {rss_ratio:.2f}  (goal <= 0.5)"
+    )
+    print(
+        f"wall time  streaming/peft  = {s['seconds']:.2f}/{p['seconds']:.2f} s = {time_ratio:.2f}  (goal <= 1.0)"
+    )
+    print(
+        f"throughput streaming/copy  = {size / s['seconds'] / 1e6:.0f}/{size / c['seconds'] / 1e6:.0f} MB/s "
+        f"= {tp_ratio:.2f}  (goal >= 0.5)"
+    )
     print(f"total {time.perf_counter() - t0:.0f}s; workdir {workdir}")
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

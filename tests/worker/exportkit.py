@@ -15,8 +15,13 @@ from typing import Any
 LORA_SPEC = {"r": 4, "alpha": 8, "dropout": 0.0}
 
 
-def spec(base: Path | str, *, lora: dict[str, Any] | None = LORA_SPEC, export: dict[str, Any] | None = None,
-         eval_inline: list[dict[str, str]] | None = None) -> dict[str, Any]:
+def spec(
+    base: Path | str,
+    *,
+    lora: dict[str, Any] | None = LORA_SPEC,
+    export: dict[str, Any] | None = None,
+    eval_inline: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """A FineTuneJob spec dict for `finetune_operator.spec.parse_spec`."""
     from tinymodel import pairs
 
@@ -36,7 +41,9 @@ def spec(base: Path | str, *, lora: dict[str, Any] | None = LORA_SPEC, export: d
     return s
 
 
-def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 1, scale: float = 0.5, **lora_kwargs: Any) -> Path:
+def make_adapter(
+    base_dir: Path, out_dir: Path, *, seed: int = 1, scale: float = 0.5, **lora_kwargs: Any
+) -> Path:
     """Save a peft LoRA adapter for the HF model inside the sentence-transformers model at base_dir.
 
     lora_B (and lora_embedding_A) are randomized so the adapter changes the model's outputs.
@@ -47,7 +54,13 @@ def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 1, scale: float =
 
     st = SentenceTransformer(str(base_dir), device="cpu")
     hf = st[0].model
-    kwargs = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["query", "value"], **lora_kwargs}
+    kwargs = {
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": ["query", "value"],
+        **lora_kwargs,
+    }
     pm = get_peft_model(hf, LoraConfig(**kwargs))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -63,8 +76,18 @@ def make_adapter(base_dir: Path, out_dir: Path, *, seed: int = 1, scale: float =
 
 
 def training_json(base: str, *, lora: bool, steps: int = 3) -> dict[str, Any]:
-    return {"baseModel": base, "lora": lora, "steps": steps, "epochs": 1.0, "loss": "MultipleNegativesRankingLoss",
-            "seed": 42, "trainRows": 8, "evalRows": 0, "evalMetrics": {}, "versions": {}}
+    return {
+        "baseModel": base,
+        "lora": lora,
+        "steps": steps,
+        "epochs": 1.0,
+        "loss": "MultipleNegativesRankingLoss",
+        "seed": 42,
+        "trainRows": 8,
+        "evalRows": 0,
+        "evalMetrics": {},
+        "versions": {},
+    }
 
 
 def lora_workspace(workspace: Path, base_dir: Path, **lora_kwargs: Any) -> Path:

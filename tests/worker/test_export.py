@@ -125,9 +125,12 @@ def test_full_finetune_is_resharded_and_equals_the_trained_model(tiny_model: Pat
     assert _run(spec(tiny_model, lora=None, export={"maxShardSize": "30KB"}), ws) == 0
     meta = json.loads((ws / "export" / "metadata.json").read_text())
     assert meta["merge"]["method"] == "copy" and meta["merge"]["shards"] > 1 and meta["lora"] is False
-    trained = SentenceTransformer(str(ws / "final"), device="cpu").encode(TEXTS, convert_to_tensor=True,
-                                                                           normalize_embeddings=True)
-    got = SentenceTransformer(str(ws / "export" / "sentence-transformers"), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    trained = SentenceTransformer(str(ws / "final"), device="cpu").encode(
+        TEXTS, convert_to_tensor=True, normalize_embeddings=True
+    )
+    got = SentenceTransformer(str(ws / "export" / "sentence-transformers"), device="cpu").encode(
+        TEXTS, convert_to_tensor=True
+    )
     assert (got - trained).abs().max() <= 1e-6
     assert (ws / "export" / "huggingface" / "model.safetensors.index.json").exists()
 
@@ -136,8 +139,9 @@ def test_named_checkpoint_export(tiny_model: Path, tmp_path: Path) -> None:
     ws = tmp_path / "ws"
     ckpt = ws / "checkpoints" / "checkpoint-2"
     make_adapter(tiny_model, ckpt)  # the Trainer writes the adapter at the checkpoint's root
-    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "epoch": 0.5,
-                                                         "log_history": [{"loss": 1.25, "step": 2}]}))
+    (ckpt / "trainer_state.json").write_text(
+        json.dumps({"global_step": 2, "epoch": 0.5, "log_history": [{"loss": 1.25, "step": 2}]})
+    )
     s = spec(tiny_model, export={"formats": ["huggingface"], "checkpoint": "checkpoint-2"})
     assert _run(s, ws) == 0
     meta = json.loads((ws / "export" / "metadata.json").read_text())
@@ -159,8 +163,9 @@ def test_bf16_export_is_verified_by_cosine(tiny_model: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])  # the streaming path and the peft fallback path
-def test_missing_target_fails_loudly_with_nothing_written(kind: str, tiny_model: Path, tmp_path: Path,
-                                                          termlog: Path) -> None:
+def test_missing_target_fails_loudly_with_nothing_written(
+    kind: str, tiny_model: Path, tmp_path: Path, termlog: Path
+) -> None:
     from safetensors.torch import load_file, save_file
 
     ws = lora_workspace(tmp_path / "ws", tiny_model, use_dora=kind == "dora")
@@ -176,8 +181,9 @@ def test_missing_target_fails_loudly_with_nothing_written(kind: str, tiny_model:
 
 
 @pytest.mark.parametrize("bug", ["no-op", "wrong-scaling"])
-def test_verification_catches_a_broken_merge(bug: str, tiny_model: Path, tmp_path: Path, termlog: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_catches_a_broken_merge(
+    bug: str, tiny_model: Path, tmp_path: Path, termlog: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from finetune_worker.export import merge
 
     real = merge.delta
@@ -193,12 +199,15 @@ def test_verification_catches_a_broken_merge(bug: str, tiny_model: Path, tmp_pat
     _no_staging(ws)
 
 
-def test_dora_falls_back_to_peft_merge_and_says_so(tiny_model: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_dora_falls_back_to_peft_merge_and_says_so(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ws = lora_workspace(tmp_path / "ws", tiny_model, use_dora=True)
     assert _run(spec(tiny_model, export={"formats": ["sentence-transformers"]}), ws) == 0
     meta = json.loads((ws / "export" / "metadata.json").read_text())
-    assert meta["merge"]["method"] == "peft-merge_and_unload" and "use_dora" in meta["merge"]["fallbackReason"]
+    assert (
+        meta["merge"]["method"] == "peft-merge_and_unload" and "use_dora" in meta["merge"]["fallbackReason"]
+    )
     assert meta["maxDeviation"] <= 1e-5
     assert '"stage":"fallback"' in capsys.readouterr().out
 
@@ -208,16 +217,25 @@ def test_evaluation_gate_pass_and_fail(tiny_model: Path, tmp_path: Path, termlog
 
     ws = lora_workspace(tmp_path / "ws", tiny_model)
     ev = pairs(24, seed=7)
-    passing = spec(tiny_model, export={"formats": ["sentence-transformers"], "evaluate": {"metric": "ndcg@10", "min": 0.01}},
-                   eval_inline=ev)
+    passing = spec(
+        tiny_model,
+        export={"formats": ["sentence-transformers"], "evaluate": {"metric": "ndcg@10", "min": 0.01}},
+        eval_inline=ev,
+    )
     assert _run(passing, ws) == 0
     meta = json.loads((ws / "export" / "metadata.json").read_text())
     ndcg = meta["metrics"]["ndcg@10"]
-    assert 0.01 <= ndcg < 1.0 and "ndcg@10" in (ws / "export" / "sentence-transformers" / "README.md").read_text()
+    assert (
+        0.01 <= ndcg < 1.0
+        and "ndcg@10" in (ws / "export" / "sentence-transformers" / "README.md").read_text()
+    )
 
     ws2 = lora_workspace(tmp_path / "ws2", tiny_model)
-    failing = spec(tiny_model, export={"formats": ["sentence-transformers"], "evaluate": {"metric": "ndcg@10", "min": 0.99}},
-                   eval_inline=ev)
+    failing = spec(
+        tiny_model,
+        export={"formats": ["sentence-transformers"], "evaluate": {"metric": "ndcg@10", "min": 0.99}},
+        eval_inline=ev,
+    )
     assert _run(failing, ws2) == 2  # permanent: retrying cannot raise the score
     summary = json.loads(termlog.read_text())
     assert summary["result"] == "invalid" and "evaluation gate failed" in summary["message"]
@@ -226,8 +244,9 @@ def test_evaluation_gate_pass_and_fail(tiny_model: Path, tmp_path: Path, termlog
     _no_staging(ws2)
 
 
-def test_errno19_mmap_failure_falls_back_to_reading_into_memory(tiny_model: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_errno19_mmap_failure_falls_back_to_reading_into_memory(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import peft.utils.save_and_load
     import safetensors
     import safetensors.torch
@@ -239,8 +258,13 @@ def test_errno19_mmap_failure_falls_back_to_reading_into_memory(tiny_model: Path
     def no_mmap(*args, **kwargs):
         raise OSError(19, "No such device")
 
-    for mod, name in ((safetensors, "safe_open"), (safetensors.torch, "safe_open"), (safetensors.torch, "load_file"),
-                      (transformers.modeling_utils, "safe_open"), (peft.utils.save_and_load, "safe_load_file")):
+    for mod, name in (
+        (safetensors, "safe_open"),
+        (safetensors.torch, "safe_open"),
+        (safetensors.torch, "load_file"),
+        (transformers.modeling_utils, "safe_open"),
+        (peft.utils.save_and_load, "safe_load_file"),
+    ):
         monkeypatch.setattr(mod, name, no_mmap)
     with pytest.raises(OSError, match="No such device"):  # the injection bites: plain loading fails
         AutoModel.from_pretrained(str(tiny_model))
@@ -252,15 +276,40 @@ def test_errno19_mmap_failure_falls_back_to_reading_into_memory(tiny_model: Path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["merged", "verified"])
-def test_killed_export_leaves_nothing_complete_and_rerun_succeeds(stage: str, tiny_model: Path, tmp_path: Path) -> None:
+def test_killed_export_leaves_nothing_complete_and_rerun_succeeds(
+    stage: str, tiny_model: Path, tmp_path: Path
+) -> None:
     ws = lora_workspace(tmp_path / "ws", tiny_model)
     cfg = tmp_path / "job.json"
-    cfg.write_text(json.dumps({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-                               "metadata": {"name": "faq"}, "spec": spec(tiny_model)}))
-    env = {**os.environ, "FINETUNE_EXPORT_PAUSE_AFTER": stage, "HF_HUB_OFFLINE": "1",
-           "FINETUNE_TERMINATION_LOG": str(tmp_path / "term")}
-    cmd = [sys.executable, "-m", "finetune_worker.cli", "export", "--config", str(cfg), "--workspace", str(ws)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
+    cfg.write_text(
+        json.dumps(
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "faq"},
+                "spec": spec(tiny_model),
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "FINETUNE_EXPORT_PAUSE_AFTER": stage,
+        "HF_HUB_OFFLINE": "1",
+        "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "finetune_worker.cli",
+        "export",
+        "--config",
+        str(cfg),
+        "--workspace",
+        str(ws),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO
+    )
     try:
         deadline = time.monotonic() + 120
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -310,13 +359,18 @@ def test_unmerged_adapter_only_export(tiny_model: Path, tmp_path: Path) -> None:
     assert _run(spec(tiny_model, export={"merge": False, "formats": ["adapter"]}), ws) == 0
     meta = json.loads((ws / "export" / "metadata.json").read_text())
     assert meta["merge"]["method"].startswith("none") and meta["verify"]["baseDeviation"] > 1e-3
-    assert sorted(p.name for p in (ws / "export" / "adapter").iterdir())[:2] == ["README.md", "adapter_config.json"]
+    assert sorted(p.name for p in (ws / "export" / "adapter").iterdir())[:2] == [
+        "README.md",
+        "adapter_config.json",
+    ]
     ws2 = lora_workspace(tmp_path / "ws2", tiny_model)  # unmerged + a merged format: refused, nothing written
     assert _run(spec(tiny_model, export={"merge": False}), ws2) == 2
     assert not (ws2 / "export").exists()
 
 
-def test_nothing_to_export_is_a_clear_permanent_error(tiny_model: Path, tmp_path: Path, termlog: Path) -> None:
+def test_nothing_to_export_is_a_clear_permanent_error(
+    tiny_model: Path, tmp_path: Path, termlog: Path
+) -> None:
     ws = tmp_path / "ws"
     ws.mkdir()
     assert _run(spec(tiny_model), ws) == 2

@@ -60,15 +60,23 @@ def test_streaming_merge_equals_peft_merge_and_unload(kind: str, tiny_model: Pat
 
     kwargs: dict = {}
     if kind != "plain":
-        kwargs = {"target_modules": ["query", "value", "dense", "word_embeddings"], "use_rslora": True,
-                  "rank_pattern": {"layer.1.attention.self.query": 2}, "alpha_pattern": {"value": 3},
-                  "modules_to_save": ["pooler.dense"]}
+        kwargs = {
+            "target_modules": ["query", "value", "dense", "word_embeddings"],
+            "use_rslora": True,
+            "rank_pattern": {"layer.1.attention.self.query": 2},
+            "alpha_pattern": {"value": 3},
+            "modules_to_save": ["pooler.dense"],
+        }
     adapter = make_adapter(tiny_model, tmp_path / "adapter", **kwargs)
     streamed, reference, plan = _merge_both(tiny_model, adapter, tmp_path)
     if kind != "plain":
         scalings = {t.module: t.scaling for t in plan.targets.values()}
-        assert scalings["encoder.layer.1.attention.self.query"] == pytest.approx(8 / 2 ** 0.5)  # rank_pattern + rsLoRA
-        assert scalings["encoder.layer.0.attention.self.value"] == pytest.approx(3 / 2)  # alpha_pattern + rsLoRA
+        assert scalings["encoder.layer.1.attention.self.query"] == pytest.approx(
+            8 / 2**0.5
+        )  # rank_pattern + rsLoRA
+        assert scalings["encoder.layer.0.attention.self.value"] == pytest.approx(
+            3 / 2
+        )  # alpha_pattern + rsLoRA
         assert plan.targets["embeddings.word_embeddings.weight"].transpose
         assert set(plan.replacements) == {"pooler.dense.weight", "pooler.dense.bias"}
     _assert_same(streamed, reference, tiny_model)
@@ -82,9 +90,13 @@ def test_fan_in_fan_out_conv1d(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     base_dir = tmp_path / "gpt2"
-    GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=200, n_positions=32)).save_pretrained(base_dir)
-    pm = get_peft_model(GPT2Model.from_pretrained(base_dir),
-                        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=200, n_positions=32)).save_pretrained(
+        base_dir
+    )
+    pm = get_peft_model(
+        GPT2Model.from_pretrained(base_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    )
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_" in name:
@@ -137,11 +149,12 @@ def test_base_saved_with_a_model_prefix(tiny_model: Path, tmp_path: Path) -> Non
     from exportkit import make_adapter
     from safetensors.torch import load_file, save_file
 
-
     prefixed = tmp_path / "prefixed"
     shutil.copytree(tiny_model, prefixed)
     sd = load_file(prefixed / "model.safetensors")
-    save_file({f"bert.{k}": v for k, v in sd.items()}, prefixed / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {f"bert.{k}": v for k, v in sd.items()}, prefixed / "model.safetensors", metadata={"format": "pt"}
+    )
     adapter = make_adapter(tiny_model, tmp_path / "adapter")
     streamed, reference, plan = _merge_both(prefixed, adapter, tmp_path)
     assert all(k.startswith("bert.") for k in plan.targets)
@@ -151,7 +164,9 @@ def test_base_saved_with_a_model_prefix(tiny_model: Path, tmp_path: Path) -> Non
     assert max((got[f"bert.{k}"] - want[k]).abs().max().item() for k in want) <= 1e-6
 
 
-def test_user_space_copy_when_the_kernel_cannot(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_user_space_copy_when_the_kernel_cannot(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """copy_file_range refused (EXDEV across filesystems, or not Linux): same bytes via pread/pwrite."""
     import os
 

@@ -54,7 +54,9 @@ def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | N
     from .verify import VerificationFailed
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+        )
     workspace = Path(workspace)
     stagings: list[Path] = []
     started = time.monotonic()
@@ -65,10 +67,16 @@ def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | N
         if removed:
             log.info("removed staging left by an interrupted export: %s", ", ".join(removed))
         meta = _export(spec, workspace, metadata or {}, stagings)
-        summary = {"result": RESULT_COMPLETED, "message": meta.pop("_message"),
-                   "export": str(workspace / EXPORT_DIR), "formats": meta.get("formats"),
-                   "maxDeviation": meta.get("maxDeviation"), "metrics": _headline(meta.get("metrics")),
-                   "merge": (meta.get("merge") or {}).get("method"), "seconds": round(time.monotonic() - started, 1)}
+        summary = {
+            "result": RESULT_COMPLETED,
+            "message": meta.pop("_message"),
+            "export": str(workspace / EXPORT_DIR),
+            "formats": meta.get("formats"),
+            "maxDeviation": meta.get("maxDeviation"),
+            "metrics": _headline(meta.get("metrics")),
+            "merge": (meta.get("merge") or {}).get("method"),
+            "seconds": round(time.monotonic() - started, 1),
+        }
         write_summary(summary)
         emit("export", stage="done", **{k: v for k, v in summary.items() if k != "result"})
         return EXIT_COMPLETED
@@ -112,8 +120,10 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
     result = locate(spec, workspace)
     formats = list(spec.export.formats)
     if result.lora and not spec.export.merge and formats != ["adapter"]:
-        raise InvalidInput("spec.export.merge is false: only the 'adapter' format can be exported unmerged "
-                           f"(asked for {', '.join(formats)})")
+        raise InvalidInput(
+            "spec.export.merge is false: only the 'adapter' format can be exported unmerged "
+            f"(asked for {', '.join(formats)})"
+        )
     if "adapter" in formats and not result.lora:
         raise InvalidInput(f"the 'adapter' format needs a LoRA result, but {result.path} holds full weights")
     fp = fingerprint(result, spec)
@@ -157,13 +167,25 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
     if need_weights:
         t0 = time.monotonic()
         if plan is not None:
-            index = merging.stream_merge(reference_hf, plan, weights, max_bytes,
-                                         on_shard=lambda i, n, name: emit("export", stage="shard", shard=i, shards=n, file=name))
-            merge_info = {"method": "streaming" if result.lora else "copy", "targets": len(plan.targets),
-                          "modulesToSave": len(plan.replacements), "shards": len(set(index["weight_map"].values()))}
+            index = merging.stream_merge(
+                reference_hf,
+                plan,
+                weights,
+                max_bytes,
+                on_shard=lambda i, n, name: emit("export", stage="shard", shard=i, shards=n, file=name),
+            )
+            merge_info = {
+                "method": "streaming" if result.lora else "copy",
+                "targets": len(plan.targets),
+                "modulesToSave": len(plan.replacements),
+                "shards": len(set(index["weight_map"].values())),
+            }
         else:
-            log.warning("streaming merge cannot handle this adapter (%s); falling back to peft merge_and_unload, "
-                        "which loads the whole model into memory", reason)
+            log.warning(
+                "streaming merge cannot handle this adapter (%s); falling back to peft merge_and_unload, "
+                "which loads the whole model into memory",
+                reason,
+            )
             emit("export", stage="fallback", reason=reason)
             merging.peft_merge(reference_hf, result.adapter_dir, weights, max_bytes)  # type: ignore[arg-type]
             merge_info = {"method": "peft-merge_and_unload", "fallbackReason": reason}
@@ -190,10 +212,19 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
         from .verify import load_st, verify_export
 
         adapter_for_check = (staging / "adapter") if "adapter" in formats else result.adapter_dir
-        verify_info = verify_export(st_dir, spec, reference_hf=reference_hf,
-                                    adapter_dir=adapter_for_check if result.lora else None,
-                                    hf_dir=hf_dir, low_precision=low_precision)
-        _stage("verified", maxDeviation=verify_info["maxDeviation"], baseDeviation=verify_info.get("baseDeviation"))
+        verify_info = verify_export(
+            st_dir,
+            spec,
+            reference_hf=reference_hf,
+            adapter_dir=adapter_for_check if result.lora else None,
+            hf_dir=hf_dir,
+            low_precision=low_precision,
+        )
+        _stage(
+            "verified",
+            maxDeviation=verify_info["maxDeviation"],
+            baseDeviation=verify_info.get("baseDeviation"),
+        )
         if spec.export.evaluate is not None:
             from .evaluate import gate
 
@@ -201,7 +232,9 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
             _stage("evaluated", metrics=metrics)
     else:
         if spec.export.evaluate is not None:
-            raise InvalidInput("spec.export.evaluate needs a merged format (sentence-transformers or huggingface)")
+            raise InvalidInput(
+                "spec.export.evaluate needs a merged format (sentence-transformers or huggingface)"
+            )
         from .verify import verify_adapter_only
 
         verify_info = verify_adapter_only(Path(result.base_model), staging / "adapter", spec)  # type: ignore[arg-type]
@@ -210,8 +243,18 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
         shutil.rmtree(st_dir, ignore_errors=True)
     merge_info["mmapFallback"] = list(safeio.mmap_fallbacks)
 
-    meta = build_metadata(spec, job, result, fingerprint=fp, formats=formats, merge=merge_info,
-                          verify=verify_info, metrics=metrics, st_info=st_info, files={})
+    meta = build_metadata(
+        spec,
+        job,
+        result,
+        fingerprint=fp,
+        formats=formats,
+        merge=merge_info,
+        verify=verify_info,
+        metrics=metrics,
+        st_info=st_info,
+        files={},
+    )
     for fmt in formats:
         (staging / fmt / "README.md").write_text(model_card(meta, fmt))
     meta["files"] = file_sizes(staging)
@@ -219,5 +262,8 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
     _stage("publishing")
     publish(staging, workspace)
     dev = verify_info.get("maxDeviation")
-    return {**meta, "_message": f"exported {result.name} as {', '.join(formats)}"
-                  + (f" (max deviation {dev:.2g})" if dev is not None else "")}
+    return {
+        **meta,
+        "_message": f"exported {result.name} as {', '.join(formats)}"
+        + (f" (max deviation {dev:.2g})" if dev is not None else ""),
+    }

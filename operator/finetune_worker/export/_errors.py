@@ -9,4 +9,5 @@ except ImportError:  # pragma: no cover - before finetune_worker.errors lands
     class InvalidInput(ValueError):  # type: ignore[no-redef]
         """Invalid input (config, data or training result): permanent, exit 2."""
 
+
 __all__ = ["InvalidInput"]

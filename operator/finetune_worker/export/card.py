@@ -13,7 +13,14 @@ from finetune_operator.spec import FineTuneSpec
 
 def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "sentence-transformers", "peft", "safetensors", "finetune-operator"):
+    for name in (
+        "torch",
+        "transformers",
+        "sentence-transformers",
+        "peft",
+        "safetensors",
+        "finetune-operator",
+    ):
         try:
             out[name] = pkg_metadata.version(name)
         except pkg_metadata.PackageNotFoundError:
@@ -27,10 +34,19 @@ def data_summary(spec: FineTuneSpec) -> dict[str, Any]:
     return {"source": source, "columns": dict(d.columns), "split": d.split}
 
 
-def build_metadata(spec: FineTuneSpec, job: dict[str, Any], result: Any, *, fingerprint: str,
-                   formats: list[str], merge: dict[str, Any], verify: dict[str, Any],
-                   metrics: dict[str, float] | None, st_info: dict[str, Any] | None,
-                   files: dict[str, int]) -> dict[str, Any]:
+def build_metadata(
+    spec: FineTuneSpec,
+    job: dict[str, Any],
+    result: Any,
+    *,
+    fingerprint: str,
+    formats: list[str],
+    merge: dict[str, Any],
+    verify: dict[str, Any],
+    metrics: dict[str, float] | None,
+    st_info: dict[str, Any] | None,
+    files: dict[str, int],
+) -> dict[str, Any]:
     info = result.info
     return {
         "job": job.get("name"),
@@ -42,10 +58,16 @@ def build_metadata(spec: FineTuneSpec, job: dict[str, Any], result: Any, *, fing
         "baseModelSpec": spec.model.base or f"fromJob:{spec.model.from_job}",  # as the user named it
         "lora": result.lora,
         "data": data_summary(spec),
-        "training": {"loss": info.get("loss", spec.training.loss), "steps": info.get("steps"),
-                     "epochs": info.get("epochs"), "seed": info.get("seed", spec.training.seed),
-                     "trainRows": info.get("trainRows"), "evalRows": info.get("evalRows"),
-                     "evalMetrics": info.get("evalMetrics"), "trainLoss": info.get("trainLoss")},
+        "training": {
+            "loss": info.get("loss", spec.training.loss),
+            "steps": info.get("steps"),
+            "epochs": info.get("epochs"),
+            "seed": info.get("seed", spec.training.seed),
+            "trainRows": info.get("trainRows"),
+            "evalRows": info.get("evalRows"),
+            "evalMetrics": info.get("evalMetrics"),
+            "trainLoss": info.get("trainLoss"),
+        },
         "formats": formats,
         "merge": merge,
         "pooling": (st_info or {}).get("pooling"),
@@ -64,18 +86,26 @@ def model_card(meta: dict[str, Any], fmt: str) -> str:
     base = meta.get("baseModelSpec") or meta.get("baseModel")
     t = meta["training"]
     load = {
-        "sentence-transformers": ("from sentence_transformers import SentenceTransformer\n"
-                                  "model = SentenceTransformer(\"path/to/sentence-transformers\")\n"
-                                  "embeddings = model.encode([\"How do I reset my password?\"])"),
-        "huggingface": ("from transformers import AutoModel, AutoTokenizer\n"
-                        "model = AutoModel.from_pretrained(\"path/to/huggingface\")\n"
-                        "tokenizer = AutoTokenizer.from_pretrained(\"path/to/huggingface\")\n"
-                        f"# pool token embeddings with {meta.get('pooling') or 'mean'} pooling"
-                        + (" and L2-normalize" if meta.get("normalize") else "")),
-        "adapter": ("from peft import PeftModel\nfrom transformers import AutoModel\n"
-                    f"model = PeftModel.from_pretrained(AutoModel.from_pretrained(\"{base}\"), \"path/to/adapter\")"),
+        "sentence-transformers": (
+            "from sentence_transformers import SentenceTransformer\n"
+            'model = SentenceTransformer("path/to/sentence-transformers")\n'
+            'embeddings = model.encode(["How do I reset my password?"])'
+        ),
+        "huggingface": (
+            "from transformers import AutoModel, AutoTokenizer\n"
+            'model = AutoModel.from_pretrained("path/to/huggingface")\n'
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/huggingface")\n'
+            f"# pool token embeddings with {meta.get('pooling') or 'mean'} pooling"
+            + (" and L2-normalize" if meta.get("normalize") else "")
+        ),
+        "adapter": (
+            "from peft import PeftModel\nfrom transformers import AutoModel\n"
+            f'model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "path/to/adapter")'
+        ),
     }[fmt]
-    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items())) or "| (none) | |"
+    metrics = (
+        "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items())) or "| (none) | |"
+    )
     return f"""---
 library_name: {"peft" if fmt == "adapter" else "sentence-transformers"}
 base_model: {base}
@@ -110,8 +140,10 @@ def _verified(meta: dict[str, Any]) -> str:
     if meta.get("maxDeviation") is None:
         return f"the adapter loads with peft and changes the base model's embeddings (max |Δ| {v.get('baseDeviation', 0):.3g})"
     what = "the unmerged model (base + adapter)" if meta.get("lora") else "the trained model"
-    return (f"embeddings of {v.get('probes')} probe texts match {what}: max |Δ| {meta['maxDeviation']:.2g}, "
-            f"reloaded with {', '.join(v.get('reloaded', []))}")
+    return (
+        f"embeddings of {v.get('probes')} probe texts match {what}: max |Δ| {meta['maxDeviation']:.2g}, "
+        f"reloaded with {', '.join(v.get('reloaded', []))}"
+    )
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

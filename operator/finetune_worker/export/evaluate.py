@@ -48,7 +48,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         import pandas as pd
 
         return pd.read_parquet(path).to_dict("records")
-    raise InvalidInput(f"{path}: unsupported data file type {suffix!r} (jsonl, json, csv, parquet, or a datasets dir)")
+    raise InvalidInput(
+        f"{path}: unsupported data file type {suffix!r} (jsonl, json, csv, parquet, or a datasets dir)"
+    )
 
 
 def _workspace_file(workspace: Path, rel: str, field: str) -> Path:
@@ -62,7 +64,9 @@ def eval_rows(spec: FineTuneSpec, workspace: Path) -> list[dict[str, Any]]:
     """The eval records, with file-side column names."""
     ev = spec.dataset.eval
     if ev is None:
-        raise InvalidInput("spec.export.evaluate needs eval data: set spec.dataset.eval (fraction, path or inline)")
+        raise InvalidInput(
+            "spec.export.evaluate needs eval data: set spec.dataset.eval (fraction, path or inline)"
+        )
     if ev.inline is not None:
         return [dict(r) for r in ev.inline]
     if ev.path is not None:
@@ -119,13 +123,19 @@ def evaluate(model: Any, spec: FineTuneSpec, workspace: Path) -> dict[str, float
         corpus_ids.setdefault(p, f"d{len(corpus_ids)}")
     queries = {f"q{i}": a for i, a in enumerate(anchors)}
     relevant = {f"q{i}": {corpus_ids[p]} for i, p in enumerate(positives)}
-    ev = InformationRetrievalEvaluator(queries, {v: k for k, v in corpus_ids.items()}, relevant, name="eval",
-                                       show_progress_bar=False, batch_size=32)
+    ev = InformationRetrievalEvaluator(
+        queries,
+        {v: k for k, v in corpus_ids.items()},
+        relevant,
+        name="eval",
+        show_progress_bar=False,
+        batch_size=32,
+    )
     raw = ev(model)
     out = {}
     for key, value in raw.items():
         if key.startswith("eval_cosine_"):
-            out[key[len("eval_cosine_"):]] = float(value)
+            out[key[len("eval_cosine_") :]] = float(value)
     return out
 
 
@@ -135,9 +145,12 @@ def gate(model: Any, spec: FineTuneSpec, workspace: Path) -> dict[str, float]:
     want = spec.export.evaluate
     metrics = evaluate(model, spec, workspace)
     if want.metric not in metrics:
-        raise InvalidInput(f"the evaluator did not report {want.metric!r} (got: {', '.join(sorted(metrics))})")
+        raise InvalidInput(
+            f"the evaluator did not report {want.metric!r} (got: {', '.join(sorted(metrics))})"
+        )
     value = metrics[want.metric]
     if value < want.min:
-        raise GateFailed(f"evaluation gate failed: {want.metric} = {value:.4f} < min {want.min:g}; not publishing",
-                         metrics)
+        raise GateFailed(
+            f"evaluation gate failed: {want.metric} = {value:.4f} < min {want.min:g}; not publishing", metrics
+        )
     return metrics

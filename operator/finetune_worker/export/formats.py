@@ -21,8 +21,18 @@ from .merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, WEIGHTS_NAME
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 WEIGHT_FILES = (WEIGHTS_NAME, INDEX_NAME, "pytorch_model.bin", "pytorch_model.bin.index.json")
-_SKIP = {"README.md", ".gitattributes", "training.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
-         "trainer_state.json", "training_args.bin", ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+_SKIP = {
+    "README.md",
+    ".gitattributes",
+    "training.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+    "training_args.bin",
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+}
 POOLING_TYPE = "sentence_transformers.sentence_transformer.modules.pooling.Pooling"
 NORMALIZE_TYPE = "sentence_transformers.base.modules.normalize.Normalize"
 TRANSFORMER_TYPE = "sentence_transformers.base.modules.transformer.Transformer"
@@ -70,14 +80,18 @@ def build_huggingface(out: Path, hf_src: Path, weights_dir: Path, tokenizer_src:
     _copy_model_files(hf_src, out, include_st=False)
     if tokenizer_src is not None:
         for p in tokenizer_src.iterdir():
-            if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens")) or p.name in ("vocab.txt", "merges.txt", "vocab.json")):
+            if p.is_file() and (
+                p.name.startswith(("tokenizer", "special_tokens"))
+                or p.name in ("vocab.txt", "merges.txt", "vocab.json")
+            ):
                 shutil.copy2(p, out / p.name)
     for w in weight_files(weights_dir):
         link_or_copy(w, out / w.name)
 
 
-def build_sentence_transformers(out: Path, scaffold: Path, weights_dir: Path, spec: FineTuneSpec,
-                                tokenizer_src: Path | None = None) -> dict[str, Any]:
+def build_sentence_transformers(
+    out: Path, scaffold: Path, weights_dir: Path, spec: FineTuneSpec, tokenizer_src: Path | None = None
+) -> dict[str, Any]:
     """A sentence-transformers dir. scaffold: the base (LoRA) or trained (full) ST/HF model dir.
 
     Returns {"pooling": mode, "normalize": bool, "modules": [...]} for the card and metadata.
@@ -89,7 +103,8 @@ def build_sentence_transformers(out: Path, scaffold: Path, weights_dir: Path, sp
         sbert = {"max_seq_length": spec.training.max_seq_length} if spec.training.max_seq_length else {}
         (out / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2) + "\n")
         (out / "config_sentence_transformers.json").write_text(
-            json.dumps({"model_type": "SentenceTransformer", "similarity_fn_name": "cosine"}, indent=2) + "\n")
+            json.dumps({"model_type": "SentenceTransformer", "similarity_fn_name": "cosine"}, indent=2) + "\n"
+        )
         modules = [{"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_TYPE}]
         dim = json.loads((out / "config.json").read_text()).get("hidden_size")
         modules.append(_pooling_module(out, 1, dim, spec.export.pooling or "mean"))
@@ -107,7 +122,9 @@ def build_sentence_transformers(out: Path, scaffold: Path, weights_dir: Path, sp
             elif m.get("type", "").endswith("Normalize"):
                 continue  # re-added below per spec.export.normalize
             elif m.get("type", "").endswith("Pooling") and spec.export.pooling:
-                dim = _pooling_dim(scaffold / path) or json.loads((out / "config.json").read_text()).get("hidden_size")
+                dim = _pooling_dim(scaffold / path) or json.loads((out / "config.json").read_text()).get(
+                    "hidden_size"
+                )
                 m = _pooling_module(out, len(kept), dim, spec.export.pooling, name=m.get("name"), path=path)
             elif path:
                 src = scaffold / path
@@ -128,7 +145,11 @@ def build_sentence_transformers(out: Path, scaffold: Path, weights_dir: Path, sp
         cfg = json.loads((out / "sentence_bert_config.json").read_text())
         cfg["max_seq_length"] = spec.training.max_seq_length
         (out / "sentence_bert_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    return {"pooling": pooling_mode(out), "normalize": spec.export.normalize, "modules": [m["type"] for m in modules]}
+    return {
+        "pooling": pooling_mode(out),
+        "normalize": spec.export.normalize,
+        "modules": [m["type"] for m in modules],
+    }
 
 
 def _pooling_dim(pooling_dir: Path) -> int | None:
@@ -139,8 +160,9 @@ def _pooling_dim(pooling_dir: Path) -> int | None:
     return cfg.get("embedding_dimension") or cfg.get("word_embedding_dimension")
 
 
-def _pooling_module(out: Path, idx: int, dim: int, mode: str, name: str | None = None,
-                    path: str | None = None) -> dict[str, Any]:
+def _pooling_module(
+    out: Path, idx: int, dim: int, mode: str, name: str | None = None, path: str | None = None
+) -> dict[str, Any]:
     from sentence_transformers.sentence_transformer.modules.pooling import Pooling
 
     path = path or f"{idx}_Pooling"
@@ -163,9 +185,14 @@ def pooling_mode(st_dir: Path) -> str | None:
             if "pooling_mode" in cfg:
                 mode = cfg["pooling_mode"]
                 return mode if isinstance(mode, str) else "+".join(mode)
-            legacy = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
-                      "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-                      "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+            legacy = {
+                "pooling_mode_cls_token": "cls",
+                "pooling_mode_mean_tokens": "mean",
+                "pooling_mode_max_tokens": "max",
+                "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                "pooling_mode_weightedmean_tokens": "weightedmean",
+                "pooling_mode_lasttoken": "lasttoken",
+            }
             return "+".join(v for k, v in legacy.items() if cfg.get(k)) or None
     return None
 
@@ -179,6 +206,12 @@ def build_adapter(out: Path, adapter_dir: Path, tokenizer_src: Path | None = Non
         if src is None:
             continue
         for p in src.iterdir():
-            if p.is_file() and not (out / p.name).exists() and (
-                    p.name.startswith(("tokenizer", "special_tokens")) or p.name in ("vocab.txt", "merges.txt", "vocab.json")):
+            if (
+                p.is_file()
+                and not (out / p.name).exists()
+                and (
+                    p.name.startswith(("tokenizer", "special_tokens"))
+                    or p.name in ("vocab.txt", "merges.txt", "vocab.json")
+                )
+            ):
                 shutil.copy2(p, out / p.name)

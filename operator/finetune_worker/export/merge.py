@@ -32,11 +32,22 @@ INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+_LORA_KEY = re.compile(
+    r"^(?P<mod>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$"
+)
 
 # Config switches that change the merge formula; streaming handles none of them.
-_UNSUPPORTED_FLAGS = ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices", "layer_replication",
-                      "use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora")
+_UNSUPPORTED_FLAGS = (
+    "use_dora",
+    "lora_bias",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "use_qalora",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "use_bdlora",
+)
 
 
 @dataclass
@@ -75,10 +86,14 @@ def load_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(adapter_config, state dict without the `base_model.model.` prefix)."""
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     weights = load_file(adapter_dir / ADAPTER_WEIGHTS)
-    return config, {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in weights.items()}
+    return config, {
+        k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k: v for k, v in weights.items()
+    }
 
 
-def unsupported_reason(config: dict[str, Any], state: dict[str, Any], base: dict[str, TensorInfo]) -> str | None:
+def unsupported_reason(
+    config: dict[str, Any], state: dict[str, Any], base: dict[str, TensorInfo]
+) -> str | None:
     """Why streaming cannot merge this adapter exactly (then peft's own merge is used), or None."""
     if config.get("peft_type", "LORA") != "LORA":
         return f"peft_type {config.get('peft_type')} (streaming merges LoRA only)"
@@ -126,8 +141,10 @@ def missing_targets(state: dict[str, Any], base: dict[str, TensorInfo]) -> list[
 def require_targets(state: dict[str, Any], base: dict[str, TensorInfo]) -> None:
     missing = missing_targets(state, base)
     if missing:
-        raise InvalidInput(f"adapter targets missing from the base model: {', '.join(missing)} "
-                           "(was the adapter trained on a different base model?)")
+        raise InvalidInput(
+            f"adapter targets missing from the base model: {', '.join(missing)} "
+            "(was the adapter trained on a different base model?)"
+        )
 
 
 def plan_merge(config: dict[str, Any], state: dict[str, Any], base: dict[str, TensorInfo]) -> MergePlan:
@@ -155,7 +172,9 @@ def plan_merge(config: dict[str, Any], state: dict[str, Any], base: dict[str, Te
         r = int(_pattern_value(config.get("rank_pattern") or {}, mod, config.get("r", a.shape[0])))
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, mod, config.get("lora_alpha", r)))
         if a.shape[0] != r:
-            raise InvalidInput(f"adapter rank mismatch at {mod}: weights have rank {a.shape[0]}, config says {r}")
+            raise InvalidInput(
+                f"adapter rank mismatch at {mod}: weights have rank {a.shape[0]}, config says {r}"
+            )
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         target = Target(mod, base_key, a, b, scaling, transpose=emb or bool(config.get("fan_in_fan_out")))
         want = tuple(base[base_key].shape)
@@ -169,11 +188,15 @@ def plan_merge(config: dict[str, Any], state: dict[str, Any], base: dict[str, Te
             missing.append(key)
             continue
         if tuple(t.shape) != tuple(base[base_key].shape):
-            raise InvalidInput(f"modules_to_save tensor {key} has shape {tuple(t.shape)}, base has {base[base_key].shape}")
+            raise InvalidInput(
+                f"modules_to_save tensor {key} has shape {tuple(t.shape)}, base has {base[base_key].shape}"
+            )
         plan.replacements[base_key] = t
     if missing:
-        raise InvalidInput(f"adapter targets missing from the base model: {', '.join(missing)} "
-                           "(was the adapter trained on a different base model?)")
+        raise InvalidInput(
+            f"adapter targets missing from the base model: {', '.join(missing)} "
+            "(was the adapter trained on a different base model?)"
+        )
     if not plan.targets and not plan.replacements:
         raise InvalidInput("the adapter holds no LoRA weights")
     return plan
@@ -198,7 +221,7 @@ def _dot_natural_key(s: str) -> list[tuple[Any, ...]]:
             parts.append((0, int(part)))
         else:
             text = part.rstrip("0123456789")
-            digits = part[len(text):]
+            digits = part[len(text) :]
             parts.append((1, text, int(digits)) if digits else (1, text))
     return parts
 
@@ -253,8 +276,13 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def stream_merge(base_dir: Path, plan: MergePlan, out_dir: Path, max_shard_bytes: int,
-                 on_shard: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+def stream_merge(
+    base_dir: Path,
+    plan: MergePlan,
+    out_dir: Path,
+    max_shard_bytes: int,
+    on_shard: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
     """Write the merged weights of base_dir + plan into out_dir. Returns the shard index dict."""
     base = base_tensors(base_dir)
     keys = state_dict_order(base_dir, sorted(base))
@@ -267,7 +295,9 @@ def stream_merge(base_dir: Path, plan: MergePlan, out_dir: Path, max_shard_bytes
     scratch = bytearray(max((base[k].nbytes for k in plan.targets), default=0))
     try:
         for i, (name, shard) in enumerate(zip(names, shards, strict=True)):
-            writer = ShardWriter(out_dir / name, [(k, base[k].dtype, base[k].shape, base[k].nbytes) for k in shard])
+            writer = ShardWriter(
+                out_dir / name, [(k, base[k].dtype, base[k].shape, base[k].nbytes) for k in shard]
+            )
             try:
                 for k in writer.order:
                     info = base[k]
@@ -291,9 +321,13 @@ def stream_merge(base_dir: Path, plan: MergePlan, out_dir: Path, max_shard_bytes
     finally:
         for fd in fds.values():
             os.close(fd)
-    index = {"metadata": {"total_size": sum(sizes.values()),
-                          "total_parameters": sum(math.prod(base[k].shape) for k in keys)},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {
+            "total_size": sum(sizes.values()),
+            "total_parameters": sum(math.prod(base[k].shape) for k in keys),
+        },
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     if len(shards) > 1:
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index

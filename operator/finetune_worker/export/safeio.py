@@ -27,9 +27,18 @@ log = logging.getLogger(__name__)
 
 # safetensors dtype names -> (torch dtype name, item size in bytes)
 DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 _MAX_HEADER = 100 * 1024 * 1024
 mmap_fallbacks: list[str] = []  # files read into memory because mmap failed (reported in metadata)
@@ -145,8 +154,12 @@ class ShardWriter:
     tensor; in `order` is fastest (sequential writes), any order is correct.
     """
 
-    def __init__(self, path: Path, tensors: Iterable[tuple[str, str, tuple[int, ...], int]],
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tensors: Iterable[tuple[str, str, tuple[int, ...], int]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         plan = sorted(tensors, key=lambda t: (-DTYPES.get(t[1], ("", 1))[1], t[0]))
         header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
@@ -184,7 +197,9 @@ class ShardWriter:
             if not hasattr(os, "copy_file_range"):  # not Linux: copy through user space
                 raise OSError(errno.ENOSYS, "copy_file_range unavailable")
             while done < nbytes:
-                n = os.copy_file_range(src_fd, self.fd, nbytes - done, src.start + done, self.data_start + off + done)
+                n = os.copy_file_range(
+                    src_fd, self.fd, nbytes - done, src.start + done, self.data_start + off + done
+                )
                 if n <= 0:
                     raise OSError(errno.EIO, "copy_file_range made no progress")
                 done += n

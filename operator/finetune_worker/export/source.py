@@ -42,10 +42,16 @@ def locate(spec: FineTuneSpec, workspace: Path) -> TrainingResult:
     if adapter_dir is not None:
         base = info.get("baseModel") or _resolve_base(spec, workspace, adapter_dir)
         return TrainingResult(name, path, adapter_dir, None, _local_model_dir(base, spec), info)
-    if (path / WEIGHTS_NAME).exists() or (path / INDEX_NAME).exists() or (transformer_dir(path) / WEIGHTS_NAME).exists() \
-            or (transformer_dir(path) / INDEX_NAME).exists():
+    if (
+        (path / WEIGHTS_NAME).exists()
+        or (path / INDEX_NAME).exists()
+        or (transformer_dir(path) / WEIGHTS_NAME).exists()
+        or (transformer_dir(path) / INDEX_NAME).exists()
+    ):
         return TrainingResult(name, path, None, path, info.get("baseModel"), info)
-    raise InvalidInput(f"{path} holds neither a LoRA adapter ({ADAPTER_CONFIG}) nor model weights ({WEIGHTS_NAME})")
+    raise InvalidInput(
+        f"{path} holds neither a LoRA adapter ({ADAPTER_CONFIG}) nor model weights ({WEIGHTS_NAME})"
+    )
 
 
 def _read_json(p: Path) -> dict[str, Any]:
@@ -62,8 +68,12 @@ def _checkpoint_info(path: Path) -> dict[str, Any]:
         return {}
     state = _read_json(p)
     losses = [h["loss"] for h in state.get("log_history", []) if "loss" in h]
-    return {"steps": state.get("global_step"), "epochs": state.get("epoch"),
-            "trainLoss": losses[-1] if losses else None, "checkpoint": path.name}
+    return {
+        "steps": state.get("global_step"),
+        "epochs": state.get("epoch"),
+        "trainLoss": losses[-1] if losses else None,
+        "checkpoint": path.name,
+    }
 
 
 def _find_adapter(path: Path) -> Path | None:
@@ -87,7 +97,9 @@ def _resolve_base(spec: FineTuneSpec, workspace: Path, adapter_dir: Path) -> str
         return str(resolve_base_model(spec, workspace))
     base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
-        raise InvalidInput(f"cannot tell the base model of {adapter_dir} (no training.json, no base_model_name_or_path)")
+        raise InvalidInput(
+            f"cannot tell the base model of {adapter_dir} (no training.json, no base_model_name_or_path)"
+        )
     return str(base)
 
 
@@ -100,14 +112,18 @@ def _local_model_dir(base: str, spec: FineTuneSpec) -> str:
 
         return snapshot_download(base, revision=spec.model.revision)
     except Exception as e:
-        raise InvalidInput(f"base model {base!r} is not a local directory and could not be fetched: {e}") from None
+        raise InvalidInput(
+            f"base model {base!r} is not a local directory and could not be fetched: {e}"
+        ) from None
 
 
 def fingerprint(result: TrainingResult, spec: FineTuneSpec) -> str:
     """Changes when the input or the export settings change: an export with the same one is current."""
     h = hashlib.sha256()
     raw = spec.raw
-    h.update(json.dumps({k: raw.get(k) for k in ("model", "lora", "export")}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps({k: raw.get(k) for k in ("model", "lora", "export")}, sort_keys=True, default=str).encode()
+    )
     h.update(str(result.base_model).encode())
     h.update(json.dumps(result.info, sort_keys=True, default=str).encode())
     for p in sorted(result.path.rglob("*")):

@@ -77,7 +77,9 @@ def attach_adapter(hf_model: Any, adapter_dir: Path) -> Any:
     pm = get_peft_model(hf_model, config)
     result = set_peft_model_state_dict(pm, load_file(adapter_dir / "adapter_model.safetensors"))
     if getattr(result, "unexpected_keys", None):
-        raise VerificationFailed(f"adapter weights did not load into the base model: {result.unexpected_keys[:5]}")
+        raise VerificationFailed(
+            f"adapter weights did not load into the base model: {result.unexpected_keys[:5]}"
+        )
     return pm.eval()
 
 
@@ -85,7 +87,9 @@ def _encode(st: Any) -> Any:
     import torch
 
     with torch.no_grad():
-        return st.encode(list(PROBES), convert_to_tensor=True, batch_size=len(PROBES), show_progress_bar=False).float()
+        return st.encode(
+            list(PROBES), convert_to_tensor=True, batch_size=len(PROBES), show_progress_bar=False
+        ).float()
 
 
 def _compare(a: Any, b: Any) -> tuple[float, float]:
@@ -109,8 +113,15 @@ def _hidden(model: Any, tokenizer: Any) -> Any:
         return model(**enc).last_hidden_state.float()
 
 
-def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapter_dir: Path | None,
-                  hf_dir: Path | None, low_precision: bool) -> dict[str, Any]:
+def verify_export(
+    st_dir: Path,
+    spec: FineTuneSpec,
+    *,
+    reference_hf: Path,
+    adapter_dir: Path | None,
+    hf_dir: Path | None,
+    low_precision: bool,
+) -> dict[str, Any]:
     """Run every check; return the figures for metadata. Raises VerificationFailed.
 
     reference_hf: the HF weights the export must reproduce (the base for LoRA, the trained
@@ -137,7 +148,8 @@ def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapt
         if base_dev <= tol:
             raise VerificationFailed(
                 f"the merged model embeds exactly like the base model (max |Δ| {base_dev:.3g} ≤ {tol:g}): "
-                "the adapter had no effect or the merge wrote the base weights")
+                "the adapter had no effect or the merge wrote the base weights"
+            )
     else:
         e_ref = _encode(st)
     del st
@@ -147,8 +159,9 @@ def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapt
     if not _within(dev, cos, tol, low_precision):
         want = f"cosine ≥ {LOW_PRECISION_MIN_COSINE}" if low_precision else f"max |Δ| ≤ {tol:g}"
         what = "base+adapter" if adapter_dir is not None else "the trained model"
-        raise VerificationFailed(f"merged model deviates from {what}: max |Δ| {dev:.3g}, min cosine {cos:.6f} "
-                                 f"(need {want})")
+        raise VerificationFailed(
+            f"merged model deviates from {what}: max |Δ| {dev:.3g}, min cosine {cos:.6f} (need {want})"
+        )
     for label, d in (("sentence-transformers dir", st_dir), ("huggingface dir", hf_dir)):
         if d is None:
             continue
@@ -157,7 +170,9 @@ def verify_export(st_dir: Path, spec: FineTuneSpec, *, reference_hf: Path, adapt
         del hf
         gc.collect()
         if not _within(hdev, hcos, tol, low_precision):
-            raise VerificationFailed(f"transformers.AutoModel on the {label} disagrees with the export: max |Δ| {hdev:.3g}")
+            raise VerificationFailed(
+                f"transformers.AutoModel on the {label} disagrees with the export: max |Δ| {hdev:.3g}"
+            )
     report["reloaded"] = ["SentenceTransformer", "AutoModel"] + (["peft"] if adapter_dir is not None else [])
     return report
 
@@ -169,5 +184,7 @@ def verify_adapter_only(base_model: Path, adapter_dir: Path, spec: FineTuneSpec)
     attach_adapter(st[0].model, adapter_dir)
     base_dev, _ = _compare(_encode(st), e_base)
     if base_dev <= spec.export.tolerance:
-        raise VerificationFailed(f"the adapter does not change the base model's embeddings (max |Δ| {base_dev:.3g})")
+        raise VerificationFailed(
+            f"the adapter does not change the base model's embeddings (max |Δ| {base_dev:.3g})"
+        )
     return {"probes": len(PROBES), "baseDeviation": base_dev, "maxDeviation": None, "reloaded": ["peft"]}
