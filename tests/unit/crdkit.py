@@ -10,6 +10,7 @@ rules) run only on updates where the old value exists.
 from __future__ import annotations
 
 import copy
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,23 @@ import yaml
 ROOT = Path(__file__).parents[2]
 CRD_PATH = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
 SAMPLES_DIR = ROOT / "manifests" / "samples"
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `2e-05` (no dot, as kustomize writes floats) is a string; the API
+    server reads YAML 1.2, where it is a number. This loader reads floats as YAML 1.2 does."""
+
+
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_all(text: str) -> list[Any]:
+    """Every non-empty document of a multi-document YAML text, read as the API server reads it."""
+    return [d for d in yaml.load_all(text, Loader=Yaml12Loader) if d]  # noqa: S506 (a SafeLoader)
 
 
 @cache
