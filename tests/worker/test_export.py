@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from exportkit import bf16_copy, full_workspace, lora_workspace, make_adapter, spec
+from exportkit import LORA_SPEC, bf16_copy, full_workspace, lora_workspace, make_adapter, spec
 
 pytestmark = pytest.mark.worker
 REPO = Path(__file__).resolve().parents[2]
@@ -378,3 +378,26 @@ def test_nothing_to_export_is_a_clear_permanent_error(
     assert _run(spec(tiny_model, export={"checkpoint": "checkpoint-7"}), ws) == 2
     assert "no such checkpoint" in json.loads(termlog.read_text())["message"]
     assert sorted(p.name for p in ws.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_export_of_a_real_training_result(lora: bool, tiny_model: Path, tmp_path: Path) -> None:
+    """The train -> export contract on the real training worker's output (final/ as it writes it)."""
+    train = pytest.importorskip("finetune_worker.train", reason="the training worker has not landed yet")
+    from sentence_transformers import SentenceTransformer
+
+    from finetune_operator.spec import parse_spec
+
+    s = spec(
+        tiny_model, lora=dict(LORA_SPEC) if lora else None, export={"formats": ["sentence-transformers"]}
+    )
+    s["training"] = {"maxSteps": 2, "batchSize": 4, "learningRate": 1e-3, "checkpoint": {"everySteps": 1}}
+    ws = tmp_path / "ws"
+    assert train.run_train(parse_spec(s), ws, metadata={"name": "faq"}) == 0
+    assert _run(s, ws) == 0
+    meta = json.loads((ws / "export" / "metadata.json").read_text())
+    assert meta["lora"] is lora and meta["training"]["steps"] == 2
+    assert meta["maxDeviation"] <= 1e-5
+    e = SentenceTransformer(str(ws / "export" / "sentence-transformers"), device="cpu").encode(TEXTS)
+    assert e.shape[0] == len(TEXTS)
