@@ -1,0 +1,112 @@
+"""Trainer callbacks: JSON progress lines, checkpoint-on-SIGTERM, and test-only fault injection."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .summary import emit
+
+FAULT_ENV = "FINETUNE_FAULT"  # test hook: "kill-at-step:N", "sigterm-at-step:N", "kill-in-save:N"
+
+
+def fault(kind: str, step: int) -> bool:
+    """True when the test hook asks for `kind` at this step (never set in production)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    for item in spec.split(","):
+        name, _, at = item.partition(":")
+        if name == kind and at.isdigit() and int(at) == step:
+            return True
+    return False
+
+
+class PreemptionWatch:
+    """Records SIGTERM (and SIGINT) instead of dying, so training can stop at a step boundary."""
+
+    def __init__(self) -> None:
+        self.requested_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> PreemptionWatch:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            emit("preemption", signal=signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+
+class StopOnPreemption(TrainerCallback):
+    """At the first step boundary after SIGTERM: save a checkpoint (if enabled) and stop."""
+
+    def __init__(self, watch: PreemptionWatch, checkpoint: bool) -> None:
+        self.watch = watch
+        self.checkpoint = checkpoint
+        self.stopped_at_step: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if fault("sigterm-at-step", state.global_step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.watch.requested and self.stopped_at_step is None:
+            self.stopped_at_step = state.global_step
+            control.should_save = self.checkpoint
+            control.should_training_stop = True
+        return control
+
+
+class KillAtStep(TrainerCallback):
+    """Test hook: SIGKILL this process at the end of a step (after any save of that step)."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if fault("kill-at-step", state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return control
+
+
+class Progress(TrainerCallback):
+    """JSON progress lines: the first step of this process, then every logging step."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.first_step: int | None = None
+        self.last_loss: float | None = None
+        self._t0 = time.monotonic()
+        self._s0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._t0, self._s0 = time.monotonic(), state.global_step
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs and "loss" in logs:
+            self.last_loss = float(logs["loss"])
+            self._emit(state)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.first_step is None:
+            self.first_step = state.global_step
+            self._emit(state)
+        return control
+
+    def _emit(self, state: Any) -> None:
+        now = time.monotonic()
+        steps = state.global_step - self._s0
+        rate = steps * self.batch_size / (now - self._t0) if now > self._t0 and steps > 0 else None
+        emit("progress", step=state.global_step, totalSteps=state.max_steps, epoch=round(float(state.epoch or 0), 4),
+             loss=self.last_loss, samplesPerSecond=round(rate, 2) if rate else None)

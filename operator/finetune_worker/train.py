@@ -1,0 +1,230 @@
+"""`finetune-worker train`: validate, load, train (or resume) with checkpoints, publish `final/`.
+
+Exit codes (finetune_operator.contract): 0 only after `final/` is published; 75 after a graceful
+checkpoint on SIGTERM; 2 for invalid config or data (with a specific message); anything else is a
+failure the operator retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import traceback
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.contract import (
+    EXIT_COMPLETED,
+    EXIT_INVALID,
+    EXIT_PREEMPTED,
+    FINAL_DIR,
+    RESULT_COMPLETED,
+    RESULT_FAILED,
+    RESULT_INVALID,
+    RESULT_PREEMPTED,
+    STAGING_PREFIX,
+)
+from finetune_operator.spec import FineTuneSpec
+
+from .errors import InvalidInput
+from .summary import emit, write_summary
+
+TRAINING_JSON = "training.json"
+EXIT_FAILED = 1
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "transformers", "sentence_transformers", "peft"):
+        try:
+            out[pkg] = version(pkg.replace("_", "-"))
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _finish(result: str, code: int, *, step: int | None = None, checkpoint: str | None = None,
+            message: str = "", resumed_from: str | None = None) -> int:
+    summary = {"result": result, "step": step, "checkpoint": checkpoint, "message": message, "resumedFrom": resumed_from}
+    write_summary(summary)
+    emit("result", **summary)
+    if code == EXIT_INVALID:
+        print(f"finetune-worker: invalid input: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_train(spec: FineTuneSpec, workspace: Path, *, metadata: dict[str, Any] | None = None) -> int:
+    """Train (or resume) the job in `workspace`; returns the process exit code.
+
+    Args:
+        spec: the validated job spec.
+        workspace: the job's workspace (checkpoints/, final/ live here).
+        metadata: the FineTuneJob's metadata (unused by training; kept for logs).
+    """
+    from .callbacks import PreemptionWatch
+
+    watch = PreemptionWatch().install()  # before the heavy imports: a SIGTERM while loading still counts
+    try:
+        return _run(spec, Path(workspace), watch)
+    except InvalidInput as e:
+        return _finish(RESULT_INVALID, EXIT_INVALID, message=str(e))
+    except Exception as e:  # noqa: BLE001 - everything else is a retryable failure, reported
+        traceback.print_exc()
+        return _finish(RESULT_FAILED, EXIT_FAILED, message=f"{type(e).__name__}: {e}")
+    finally:
+        watch.uninstall()
+
+
+def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
+    from .checkpoints import clean_staging, list_checkpoints, resolve_resume_checkpoint
+    from .data import load_training_data
+    from .modelsrc import resolve_base_model
+
+    if spec.training.precision == "fp16" and spec.resources.gpus == 0:
+        raise InvalidInput("spec.training.precision: fp16 needs a GPU")
+    base = resolve_base_model(spec, workspace)
+    data = load_training_data(spec, workspace)  # every data problem surfaces before the model loads
+    workspace.mkdir(parents=True, exist_ok=True)
+    final = workspace / FINAL_DIR
+    done = _completed(final)
+    if done is not None:
+        return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=done.get("steps"), checkpoint=FINAL_DIR,
+                       message="already trained: final/ exists")
+    for name in clean_staging(workspace):
+        emit("cleaned", name=name)
+
+    import torch
+    from transformers import set_seed
+
+    from .losses import LOSS_STATE_FILE, build_loss, check_loss_against_model, has_loss_state
+    from .modelsrc import load_sentence_transformer
+
+    set_seed(spec.training.seed)
+    model = load_sentence_transformer(base, spec)
+    check_loss_against_model(spec, model)
+    if spec.lora is not None:
+        _add_lora(model, spec)
+    loss = build_loss(spec, model)
+    resume, skipped = resolve_resume_checkpoint(workspace, (LOSS_STATE_FILE,) if has_loss_state(loss) else ())
+    for name, why in skipped:
+        emit("checkpointSkipped", name=name, reason=why)
+        if resume is not None:  # unusable and newer than the resume point: would outrank good ones in rotation
+            shutil.rmtree(workspace / "checkpoints" / name, ignore_errors=True)
+    resumed_from = resume.name if resume is not None else None
+    emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
+         evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device))
+    if watch.requested:
+        latest = list_checkpoints(workspace)
+        return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, checkpoint=latest[0].name if latest else None,
+                       message="stopped by SIGTERM before training began", resumed_from=resumed_from)
+
+    trainer = _trainer(spec, model, loss, data, workspace, watch)
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    step = trainer.state.global_step
+    if watch.requested and trainer.state.global_step < trainer.state.max_steps:
+        cp = trainer.last_checkpoint if spec.training.checkpoint.on_preemption else None
+        return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, step=step, checkpoint=cp,
+                       message=f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}"
+                       + (f"; saved {cp}" if cp else ""), resumed_from=resumed_from)
+    metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))} if data.eval is not None else {}
+    info = {"baseModel": base, "lora": spec.lora is not None, "steps": step, "epochs": float(trainer.state.epoch or 0),
+            "loss": spec.training.loss, "seed": spec.training.seed, "trainRows": len(data.train),
+            "evalRows": len(data.eval) if data.eval is not None else 0, "evalMetrics": metrics,
+            "trainLoss": float(out.training_loss), "versions": _versions()}
+    _publish_final(model, spec, workspace, info)
+    del torch
+    return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=step, checkpoint=FINAL_DIR,
+                   message=f"trained {step} steps; result in {FINAL_DIR}/", resumed_from=resumed_from)
+
+
+def _completed(final: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads((final / TRAINING_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _add_lora(model: Any, spec: FineTuneSpec) -> None:
+    from peft import LoraConfig, TaskType
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    lo = spec.lora
+    assert lo is not None
+    hf = model.transformers_model
+    targets: Any = list(lo.target_modules) if lo.target_modules else DEFAULTS.get(hf.config.model_type, "all-linear")
+    names = {n.rsplit(".", 1)[-1] for n, _ in hf.named_modules()}
+    if lo.target_modules:
+        unknown = [t for t in lo.target_modules if t not in names and not any(n.endswith(t) for n, _ in hf.named_modules())]
+        if unknown:
+            raise InvalidInput(f"spec.lora.targetModules: {unknown} not in the model ({hf.config.model_type}); "
+                               f"linear layers include: {', '.join(sorted(_linear_names(hf))[:12])}")
+    config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
+                        use_rslora=lo.use_rslora, task_type=TaskType.FEATURE_EXTRACTION)
+    model.add_adapter(config)
+
+
+def _linear_names(hf: Any) -> set[str]:
+    import torch
+
+    return {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Path, watch: Any) -> Any:
+    import torch
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    from .callbacks import KillAtStep, Progress, StopOnPreemption
+    from .checkpoints import checkpoints_dir
+    from .trainer import ResumableTrainer
+
+    t = spec.training
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints_dir(workspace)), num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio, seed=t.seed, data_seed=t.seed,
+        bf16=t.precision == "bf16", fp16=t.precision == "fp16", use_cpu=not torch.cuda.is_available(),
+        save_strategy="steps", save_steps=t.checkpoint.every_steps, save_total_limit=None,
+        logging_steps=max(1, min(10, t.checkpoint.every_steps)), report_to="none", disable_tqdm=True,
+        eval_strategy="no", dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    return ResumableTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, loss=loss,
+        callbacks=[KillAtStep(), StopOnPreemption(watch, t.checkpoint.on_preemption), Progress(t.batch_size)],
+        workspace=workspace, keep=t.checkpoint.keep, lora=spec.lora is not None,
+    )
+
+
+def _publish_final(model: Any, spec: FineTuneSpec, workspace: Path, info: dict[str, Any]) -> None:
+    """Build `final/` in a staging directory and rename it into place (see the module docstring)."""
+    from .checkpoints import publish_dir
+
+    staging = workspace / f"{STAGING_PREFIX}final-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if spec.lora is not None:
+        save_adapter(model, staging / "adapter", info["baseModel"])
+    else:
+        model.save(str(staging))
+    (staging / TRAINING_JSON).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    publish_dir(staging, workspace / FINAL_DIR)
+
+
+def save_adapter(model: Any, out: Path, base: str) -> None:
+    """peft's standard adapter layout (keys `base_model.model.<HF model path>`), plus the tokenizer."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    hf = model.transformers_model
+    out.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(hf)
+    state = {(k if k.startswith("base_model.model.") else f"base_model.model.{k}"): v.detach().cpu().contiguous()
+             for k, v in state.items()}
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = hf.peft_config["default"]
+    config.base_model_name_or_path = base
+    config.save_pretrained(str(out))
+    model.tokenizer.save_pretrained(str(out))
