@@ -253,3 +253,23 @@ def test_every_cel_rule_is_exercised() -> None:
     broken |= set(cel_errors(admit(_job(export__formats=["sentence-transformers"])), old))
     unexercised = [(path or "<root>", rule) for path, rule, message in rules if message not in broken]
     assert unexercised == []
+
+
+def test_enums_are_the_parsers_choices() -> None:
+    """A value the parser accepts is never refused by the API server, and the reverse."""
+    from finetune_operator import spec as sp
+    from finetune_operator.contract import EXPORT_FORMATS
+
+    s = schema()["properties"]["spec"]["properties"]
+    t = s["training"]["properties"]
+    e = s["export"]["properties"]
+    assert tuple(t["loss"]["enum"]) == sp.LOSSES
+    assert tuple(t["lossParams"]["properties"]["innerLoss"]["enum"]) == sp.INNER_LOSSES
+    assert tuple(t["precision"]["enum"]) == sp.PRECISIONS
+    assert tuple(e["formats"]["items"]["enum"]) == EXPORT_FORMATS
+    assert tuple(e["pooling"]["enum"]) == sp.POOLINGS
+    assert tuple(e["evaluate"]["properties"]["metric"]["enum"]) == sp.EVAL_METRICS
+    assert tuple(s["storage"]["properties"]["reclaimPolicy"]["enum"]) == sp.RECLAIM_POLICIES
+    columns = {c for req, opt in sp.LOSS_COLUMNS.values() for c in (*req, *opt)}
+    assert set(s["dataset"]["properties"]["columns"]["properties"]) == columns
+    assert s["dataset"]["properties"]["inline"]["maxItems"] == sp.MAX_INLINE_RECORDS
