@@ -22,7 +22,8 @@ def test_local_runs_a_lora_job_to_a_loadable_export(tiny_model: Path, tmp_path: 
         "spec": {
             "model": {"base": str(tiny_model)},
             "dataset": {"inline": pairs(48, seed=2), "columns": {"anchor": "question", "positive": "answer"}},
-            "training": {"maxSteps": 8, "batchSize": 8, "checkpoint": {"everySteps": 4}},
+            "training": {"maxSteps": 8, "batchSize": 8, "learningRate": 1e-3, "warmupRatio": 0.0,
+                         "checkpoint": {"everySteps": 4}},
             "lora": {"r": 4, "alpha": 8},
             "export": {"formats": ["sentence-transformers"], "verify": {"tolerance": 1e-4}},
             "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi"},
