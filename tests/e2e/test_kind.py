@@ -82,6 +82,7 @@ def test_a_broken_overlay_fails_instead_of_skipping(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # a cluster, two image builds and a training run
 def test_kind_e2e() -> None:
     """Create a kind cluster, build and load images, run the LoRA sample through an interruption and a
     suspend to Succeeded. Skipped, with the script's reason, where Docker, kind or kubectl is missing."""
