@@ -200,3 +200,26 @@ def test_samples_kustomization_lists_every_sample() -> None:
     on_disk = sorted(p.name for p in (ROOT / "manifests" / "samples").glob("finetune_v1alpha1_finetunejob_*.yaml"))
     assert sorted(listed) == on_disk
     assert len(on_disk) >= 5
+
+
+@pytest.mark.parametrize("name", ["finetune_v1alpha1_finetunejob_lora.yaml", "finetune_v1alpha1_finetunejob_matryoshka.yaml",
+                                  "finetune_v1alpha1_finetunejob_full.yaml"])  # fmt: skip
+def test_children_the_operator_creates_for_a_sample_are_valid_kubernetes(name: str) -> None:
+    """The pods, claim and events the operator builds would be accepted by an API server."""
+    import datetime as dt
+
+    import kubernetes_validate
+    from crdkit import admit, samples
+
+    from finetune_operator.builders import build_event, build_pod, build_pvc
+    from finetune_operator.spec import parse_spec
+
+    job = admit(samples()[name])
+    job["metadata"].update(namespace="ml", uid="0b6f7c1e-2f44-4a51-9a55-1f7d0c3b8a10", generation=1)
+    spec = parse_spec(job["spec"])
+    children = [build_pod(job, spec, "train", 1), build_pod(job, spec, "export", 2),
+                build_event(job, "Normal", "Started", "training started", dt.datetime.now(dt.timezone.utc))]  # fmt: skip
+    if spec.storage.claim_name is None:
+        children.append(build_pvc(job, spec))
+    for obj in children:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
