@@ -172,7 +172,8 @@ head -n1 <<<"$table" | grep -Eq '^NAME +PHASE +PROGRESS +CHECKPOINT +RESTARTS +A
   || fail "printer columns: $(head -n1 <<<"$table")"
 row=$(tail -n1 <<<"$table")
 read -r name phase progress checkpoint restarts _ <<<"$row"
-[[ $name == "$JOB" && $phase == Succeeded && $progress == 100* && $checkpoint == checkpoint-* && $restarts -ge 1 ]] \
+[[ $name == "$JOB" && $phase == Succeeded && $progress == 100* && ($checkpoint == final || $checkpoint == checkpoint-*) \
+   && $restarts -ge 1 ]] \
   || fail "printer row: $row"
 
 if compgen -G "$HOST_DIR/*$JOB*/export/sentence-transformers" >/dev/null; then

@@ -93,3 +93,15 @@ def test_kind_e2e() -> None:
         pytest.skip(skipped[-1].removeprefix("SKIPPED: "))
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
     assert "PASSED: kind e2e" in res.stdout
+
+
+def test_the_script_can_lengthen_the_lora_sample() -> None:
+    """run-kind.sh rewrites the sample's `    maxSteps:` line; the sample must have exactly one, under training."""
+    import yaml
+
+    sample = ROOT / "manifests" / "samples" / "finetune_v1alpha1_finetunejob_lora.yaml"
+    text = sample.read_text()
+    assert sum(ln.startswith("    maxSteps: ") for ln in text.splitlines()) == 1
+    edited = "\n".join("    maxSteps: 200" if ln.startswith("    maxSteps: ") else ln for ln in text.splitlines())
+    assert yaml.safe_load(edited)["spec"]["training"]["maxSteps"] == 200
+    assert f"SAMPLE={sample.relative_to(ROOT)}" in SCRIPT.read_text()
