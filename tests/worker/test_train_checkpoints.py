@@ -1,0 +1,101 @@
+"""Resume picks the newest *valid* checkpoint: damaged ones are skipped with a reason, never crashed on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from worker.trainkit import checkpoint_names, pair_spec, train, write_config
+
+pytestmark = pytest.mark.worker
+
+
+def _truncate(p: Path, keep: float = 0.5) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data[: int(len(data) * keep)])
+
+
+def _break_header(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[8:12] = b"\xff\xfe{["
+    p.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "optimizer truncated": (lambda d: _truncate(d / "optimizer.pt"), "optimizer.pt: not a complete torch archive"),
+    "scheduler missing": (lambda d: (d / "scheduler.pt").unlink(), "scheduler.pt missing"),
+    "weights header broken": (lambda d: _break_header(d / "model.safetensors"), "model.safetensors: unreadable header"),
+    "weights truncated": (lambda d: _truncate(d / "model.safetensors", 0.9), "model.safetensors: truncated"),
+    "trainer state garbage": (lambda d: (d / "trainer_state.json").write_text('{"global_st'),
+                              "trainer_state.json does not parse"),
+    "trainer state missing": (lambda d: (d / "trainer_state.json").unlink(), "trainer_state.json missing"),
+    "rng state truncated": (lambda d: _truncate(d / "rng_state.pth"), "rng_state.pth: not a complete torch archive"),
+}
+
+
+@pytest.fixture(scope="module")
+def interrupted(_tiny_model_master: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A workspace killed at step 11 of 12 holding checkpoints 2, 4, 6, 8 and 10 (and its config)."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    cfg = write_config(tmp, pair_spec(_tiny_model_master, every=2, keep=5))
+    run = train(tmp, cfg, tmp / "ws", fault="kill-at-step:11")
+    assert run.rc == -9, run.stderr[-2000:]
+    assert checkpoint_names(tmp / "ws") == [f"checkpoint-{n}" for n in (10, 2, 4, 6, 8)]
+    return cfg, tmp / "ws"
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_each_kind_of_damage_is_named(damage: str, interrupted: tuple[Path, Path], tmp_path: Path) -> None:
+    from finetune_worker.checkpoints import checkpoint_problem, resolve_resume_checkpoint
+
+    ws = tmp_path / "ws"
+    shutil.copytree(interrupted[1], ws)
+    newest = ws / "checkpoints/checkpoint-10"
+    assert checkpoint_problem(newest) is None
+    hurt, reason = DAMAGE[damage]
+    hurt(newest)
+    assert reason in (checkpoint_problem(newest) or "")
+    chosen, skipped = resolve_resume_checkpoint(ws)
+    assert chosen == ws / "checkpoints/checkpoint-8"
+    assert [name for name, _ in skipped] == ["checkpoint-10"]
+
+
+def test_resume_skips_damaged_checkpoints_and_completes(interrupted: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg, src = interrupted
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    cps = ws / "checkpoints"
+    _truncate(cps / "checkpoint-10/optimizer.pt")
+    (cps / "checkpoint-8/scheduler.pt").unlink()
+    _break_header(cps / "checkpoint-6/model.safetensors")
+    (cps / "checkpoint-4/trainer_state.json").write_text("not json")
+    (cps / ".staging-checkpoint-12-999").mkdir()  # a save that was killed
+    (cps / ".staging-checkpoint-12-999/model.safetensors").write_bytes(b"partial")
+
+    run = train(tmp_path, cfg, ws)
+    assert run.rc == 0, run.stderr[-2000:]
+    assert run.summary and run.summary["result"] == "completed" and run.summary["resumedFrom"] == "checkpoint-2"
+    skipped = {e["name"]: e["reason"] for e in run.events("checkpointSkipped")}
+    assert list(skipped) == ["checkpoint-10", "checkpoint-8", "checkpoint-6", "checkpoint-4"]
+    assert "optimizer.pt" in skipped["checkpoint-10"] and "scheduler.pt missing" in skipped["checkpoint-8"]
+    assert "model.safetensors" in skipped["checkpoint-6"] and "trainer_state.json" in skipped["checkpoint-4"]
+    assert [e["name"] for e in run.events("cleaned")] == [".staging-checkpoint-12-999"]
+    assert run.events("progress")[0]["step"] == 3
+    # the damaged ones were replaced by good saves as training passed their steps again
+    from finetune_worker.checkpoints import checkpoint_problem
+
+    assert all(checkpoint_problem(p) is None for p in cps.iterdir())
+    assert checkpoint_names(ws) == [f"checkpoint-{n}" for n in (10, 12, 4, 6, 8)]
+    assert json.loads((ws / "final/training.json").read_text())["steps"] == 12
+
+
+def test_empty_and_missing_workspace_start_fresh(tmp_path: Path) -> None:
+    from finetune_worker.checkpoints import resolve_resume_checkpoint
+
+    assert resolve_resume_checkpoint(tmp_path / "absent") == (None, [])
+    (tmp_path / "ws/checkpoints/checkpoint-x").mkdir(parents=True)  # not a step number: ignored
+    (tmp_path / "ws/checkpoints/.staging-checkpoint-3-1").mkdir()
+    assert resolve_resume_checkpoint(tmp_path / "ws") == (None, [])
