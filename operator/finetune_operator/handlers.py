@@ -103,7 +103,13 @@ async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any) -> Non
     meta = job["metadata"]
     ns, name = meta.get("namespace"), meta["name"]
     for obj in plan.create:
-        created = await kube.create(obj)
+        try:
+            created = await kube.create(obj)
+        except ApiError as e:  # quota, admission, RBAC: say so on the job, retry later
+            what = f"cannot create {obj['kind']} {obj['metadata']['name']}: {e}"
+            reason = {"reason": "CreateFailed", "message": what}
+            await kube.patch(API_VERSION, PLURAL, ns, name, {"status": reason}, subresource="status")
+            raise kopf.TemporaryError(what, delay=SETTINGS.pending_interval) from e
         logger.info(
             "%s %s/%s", "created" if created else "found existing", obj["kind"], obj["metadata"]["name"]
         )
@@ -135,6 +141,9 @@ async def reconcile_job(namespace: str, name: str, logger: Any) -> Plan | None:
             await apply(kube, job, plan, logger)
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
+            _state["due"][(namespace, name)] = (
+                time.monotonic() + SETTINGS.pending_interval
+            )  # no hot retry loop
             raise
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
