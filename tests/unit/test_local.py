@@ -104,3 +104,23 @@ def test_data_next_to_the_yaml_is_staged_into_the_workspace(tmp_path: Path, fake
     assert stage_inputs(job, [tmp_path], ws) == ["data/train.jsonl"]
     assert (ws / "data" / "train.jsonl").read_text().startswith('{"question"')
     assert stage_inputs(job, [tmp_path], ws) == []  # the workspace copy wins on a rerun
+
+
+def test_ctrl_c_stops_gracefully_and_a_rerun_resumes(tmp_path: Path, fake_bin: Path) -> None:
+    import _thread
+
+    r, out = runner(tmp_path, fake_bin, {"steps": 60, "stepSeconds": 0.05})
+    ckpts = tmp_path / "work" / "pvcs" / "demo-workspace" / "checkpoints"
+
+    def interrupt() -> None:
+        if wait_until(lambda: ckpts.is_dir() and any(ckpts.iterdir()), 30):
+            _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    assert r.run(timeout=60) == 130
+    assert "rerun to resume" in out.getvalue()
+    summary = json.loads((tmp_path / "work" / "pods" / "demo-train-1" / "termination-log").read_text())
+    assert summary["result"] == "preempted"  # SIGTERM reached the worker, which checkpointed
+    again, _ = runner(tmp_path, fake_bin)
+    assert again.run(timeout=60) == 0
+    assert again.job["status"]["attempts"][0]["resumedFrom"] == summary["checkpoint"]
