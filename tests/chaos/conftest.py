@@ -130,3 +130,17 @@ def baselines(chaos_model: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         assert saves == 8 and len(checkpoints(root / "ws")) == 2, (saves, checkpoints(root / "ws"))
         out[lora] = Baseline(spec, root / "ws", lora, json.loads(report.read_text())["charged"], saves)
     return out
+
+
+@pytest.fixture(scope="session")
+def export_baseline(baselines: dict[bool, Baseline], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """An uninterrupted export of the LoRA training result: (workspace, merged weights)."""
+    from workerkit import Worker, export_fault, export_weights
+
+    ws = tmp_path_factory.mktemp("export-baseline") / "ws"
+    shutil.copytree(baselines[True].ws, ws)
+    w = Worker("export", baselines[True].spec, ws)
+    LEDGER.runs += 1
+    assert w.wait() == 0, w.stderr()
+    assert export_fault(ws) is None
+    return ws, export_weights(ws)

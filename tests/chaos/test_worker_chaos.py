@@ -209,20 +209,6 @@ EXPORT_POINTS = ("startup", "delay", "pause:start", "pause:merged", "pause:forma
                  "pause:publishing", "mid-write", "mid-publish")  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def export_baseline(baselines: dict[bool, Baseline], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """An uninterrupted export of the LoRA training result: (workspace, merged weights)."""
-    from conftest import LEDGER
-
-    ws = tmp_path_factory.mktemp("export-baseline") / "ws"
-    shutil.copytree(baselines[True].ws, ws)
-    w = Worker("export", baselines[True].spec, ws)
-    LEDGER.runs += 1
-    assert w.wait() == 0, w.stderr()
-    assert export_fault(ws) is None
-    return ws, export_weights(ws)
-
-
 def aim_export(w: Worker, point: str, rng: Random) -> bool:
     ws = w.ws
     if point == "startup":
