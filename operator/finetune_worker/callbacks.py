@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -32,6 +33,9 @@ class PreemptionWatch:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> PreemptionWatch:
+        """Take over SIGTERM/SIGINT; a no-op off the main thread (in-process callers keep their own handling)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

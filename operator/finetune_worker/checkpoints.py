@@ -16,12 +16,19 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from finetune_operator.contract import CHECKPOINTS_DIR, STAGING_PREFIX, checkpoint_name, checkpoint_step
+from finetune_operator.contract import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    STAGING_PREFIX,
+    checkpoint_name,
+    checkpoint_step,
+)
 
 TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
 REQUIRED_PICKLES = ("optimizer.pt", "scheduler.pt")  # torch.save zip archives
 OPTIONAL_PICKLES = ("rng_state.pth", "loss_state.pt")
+FINAL_STAGING_PREFIX = f"{STAGING_PREFIX}{FINAL_DIR}-"  # where final/ is built before its rename
 
 
 def checkpoints_dir(workspace: Path) -> Path:
@@ -127,13 +134,18 @@ def resolve_resume_checkpoint(workspace: Path, needs: Iterable[str] = ()) -> tup
 
 
 def clean_staging(workspace: Path) -> list[str]:
-    """Remove leftover staging directories (a save or publish that was killed). Returns their names."""
+    """Remove leftover staging directories of training (a checkpoint save or final/ publish that was
+    killed): everything `.staging-*` under checkpoints/, and `.staging-final-*` in the workspace.
+    Returns their names."""
     removed = []
-    for root in (Path(workspace), checkpoints_dir(workspace)):
+    for root, prefix in ((Path(workspace), FINAL_STAGING_PREFIX), (checkpoints_dir(workspace), STAGING_PREFIX)):
         if root.is_dir():
-            for p in root.iterdir():
-                if p.name.startswith(STAGING_PREFIX):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            for p in sorted(root.iterdir()):
+                if p.name.startswith(prefix):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
                     removed.append(p.name)
     return removed
 

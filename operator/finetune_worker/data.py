@@ -182,7 +182,7 @@ def add_tsdae_noise(ds: Dataset, seed: int, delete_ratio: float) -> Dataset:
     """
     def noise(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         noisy = []
-        for idx, text in zip(indices, batch["text"]):
+        for idx, text in zip(indices, batch["text"], strict=True):
             rng = random.Random(f"{seed}:{idx}")
             words = text.split()
             kept = [w for w in words if rng.random() >= delete_ratio]
@@ -214,7 +214,7 @@ def load_training_data(spec: FineTuneSpec, workspace: Path) -> TrainingData:
     ev = None
     if d.eval is not None:
         if d.eval.fraction is not None:
-            n_eval = max(1, int(round(len(train) * d.eval.fraction)))
+            n_eval = max(1, round(len(train) * d.eval.fraction))
             if n_eval >= len(train):
                 raise InvalidInput(f"spec.dataset.eval.fraction: {d.eval.fraction} of {len(train)} rows leaves nothing to train on")
             split = train.train_test_split(test_size=n_eval, seed=spec.training.seed, shuffle=True)

@@ -32,7 +32,7 @@ def check_loss_against_model(spec: FineTuneSpec, model: SentenceTransformer) -> 
         too_big = [d for d in params["matryoshkaDims"] if d > dim]
         if too_big:
             raise InvalidInput(f"spec.training.lossParams.matryoshkaDims: {too_big} exceed the model's embedding size {dim}")
-    if spec.training.loss == "DenoisingAutoEncoderLoss" and not params.get("tieEncoderDecoder", True) is True:
+    if spec.training.loss == "DenoisingAutoEncoderLoss" and params.get("tieEncoderDecoder", True) is not True:
         raise InvalidInput("spec.training.lossParams.tieEncoderDecoder: only a decoder tied to the encoder is supported")
 
 

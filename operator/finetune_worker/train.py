@@ -25,7 +25,6 @@ from finetune_operator.contract import (
     RESULT_FAILED,
     RESULT_INVALID,
     RESULT_PREEMPTED,
-    STAGING_PREFIX,
 )
 from finetune_operator.spec import FineTuneSpec
 
@@ -71,7 +70,7 @@ def run_train(spec: FineTuneSpec, workspace: Path, *, metadata: dict[str, Any] |
         return _run(spec, Path(workspace), watch)
     except InvalidInput as e:
         return _finish(RESULT_INVALID, EXIT_INVALID, message=str(e))
-    except Exception as e:  # noqa: BLE001 - everything else is a retryable failure, reported
+    except Exception as e:
         traceback.print_exc()
         return _finish(RESULT_FAILED, EXIT_FAILED, message=f"{type(e).__name__}: {e}")
     finally:
@@ -79,7 +78,7 @@ def run_train(spec: FineTuneSpec, workspace: Path, *, metadata: dict[str, Any] |
 
 
 def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
-    from .checkpoints import clean_staging, list_checkpoints, resolve_resume_checkpoint
+    from .checkpoints import checkpoints_dir, clean_staging, list_checkpoints, resolve_resume_checkpoint
     from .data import load_training_data
     from .modelsrc import resolve_base_model
 
@@ -96,7 +95,6 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
     for name in clean_staging(workspace):
         emit("cleaned", name=name)
 
-    import torch
     from transformers import set_seed
 
     from .losses import LOSS_STATE_FILE, build_loss, check_loss_against_model, has_loss_state
@@ -110,9 +108,9 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
     loss = build_loss(spec, model)
     resume, skipped = resolve_resume_checkpoint(workspace, (LOSS_STATE_FILE,) if has_loss_state(loss) else ())
     for name, why in skipped:
-        emit("checkpointSkipped", name=name, reason=why)
-        if resume is not None:  # unusable and newer than the resume point: would outrank good ones in rotation
-            shutil.rmtree(workspace / "checkpoints" / name, ignore_errors=True)
+        # unusable, and newer than anything this run saves soon: left in place it would outrank good ones in rotation
+        emit("checkpointSkipped", name=name, reason=why, removed=True)
+        shutil.rmtree(checkpoints_dir(workspace) / name, ignore_errors=True)
     resumed_from = resume.name if resume is not None else None
     emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
          evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device))
@@ -135,7 +133,6 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
             "evalRows": len(data.eval) if data.eval is not None else 0, "evalMetrics": metrics,
             "trainLoss": float(out.training_loss), "versions": _versions()}
     _publish_final(model, spec, workspace, info)
-    del torch
     return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=step, checkpoint=FINAL_DIR,
                    message=f"trained {step} steps; result in {FINAL_DIR}/", resumed_from=resumed_from)
 
@@ -200,9 +197,9 @@ def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Pa
 
 def _publish_final(model: Any, spec: FineTuneSpec, workspace: Path, info: dict[str, Any]) -> None:
     """Build `final/` in a staging directory and rename it into place (see the module docstring)."""
-    from .checkpoints import publish_dir
+    from .checkpoints import FINAL_STAGING_PREFIX, publish_dir
 
-    staging = workspace / f"{STAGING_PREFIX}final-{os.getpid()}"
+    staging = workspace / f"{FINAL_STAGING_PREFIX}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     if spec.lora is not None:

@@ -100,5 +100,5 @@ def test_tsdae_noise_is_deterministic_and_deletes_words(tmp_path: Path) -> None:
     a, b = load_training_data(spec, tmp_path), load_training_data(spec, tmp_path)
     assert a.train.column_names == ["noisy", "text"]
     assert a.train["noisy"] == b.train["noisy"]
-    kept = [len(n.split()) / len(t.split()) for n, t in zip(a.train["noisy"], a.train["text"])]
+    kept = [len(n.split()) / len(t.split()) for n, t in zip(a.train["noisy"], a.train["text"], strict=True)]
     assert 0.2 < sum(kept) / len(kept) < 0.6  # default deletes 60% of the words

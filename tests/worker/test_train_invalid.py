@@ -66,7 +66,7 @@ CASES: dict[str, tuple[Any, str]] = {
     "missing data file": (lambda b, t: _with(pair_spec(b), "dataset", inline=None, path="data/none.jsonl"),
                           "spec.dataset: data file 'data/none.jsonl' not found"),
     "missing base path": (lambda b, t: _with(pair_spec(b), "model", base=str(t / "no-such-model")),
-                          f"spec.model.base: {{t}}/no-such-model does not exist"),
+                          "spec.model.base: {t}/no-such-model does not exist"),
     "missing relative base": (lambda b, t: _with(pair_spec(b), "model", base="models/mine/v1"),
                               "spec.model.base: 'models/mine/v1' does not exist in the workspace"),
 }
