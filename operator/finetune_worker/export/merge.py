@@ -314,8 +314,11 @@ def stream_merge(
                     else:
                         writer.copy_from(k, info, fd)
                     weight_map[k] = name
-            finally:
-                writer.close()
+            except BaseException:
+                # the error in flight (e.g. ENOSPC) says why; close() would mask it with "never written"
+                os.close(writer.fd)
+                raise
+            writer.close()
             if on_shard:
                 on_shard(i + 1, len(shards), name)
     finally:
