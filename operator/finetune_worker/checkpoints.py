@@ -65,12 +65,15 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def _zip_problem(path: Path) -> str | None:
+    """Why a torch.save archive is unusable: truncated (no central directory) or a member failing its CRC.
+
+    Reading every member costs one pass over the file, which also warms the page cache for torch.load."""
     try:
         with zipfile.ZipFile(path) as z:
-            z.infolist()
-    except (OSError, zipfile.BadZipFile) as e:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
         return f"not a complete torch archive ({e})"
-    return None
+    return f"member {bad} fails its CRC check" if bad else None
 
 
 def checkpoint_problem(path: Path, needs: Iterable[str] = ()) -> str | None:

@@ -18,6 +18,12 @@ def _truncate(p: Path, keep: float = 0.5) -> None:
     p.write_bytes(data[: int(len(data) * keep)])
 
 
+def _flip_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
 def _break_header(p: Path) -> None:
     data = bytearray(p.read_bytes())
     data[8:12] = b"\xff\xfe{["
@@ -26,6 +32,7 @@ def _break_header(p: Path) -> None:
 
 DAMAGE = {
     "optimizer truncated": (lambda d: _truncate(d / "optimizer.pt"), "optimizer.pt: not a complete torch archive"),
+    "optimizer bit flip": (lambda d: _flip_byte(d / "optimizer.pt"), "optimizer.pt: member"),
     "scheduler missing": (lambda d: (d / "scheduler.pt").unlink(), "scheduler.pt missing"),
     "weights header broken": (lambda d: _break_header(d / "model.safetensors"), "model.safetensors: unreadable header"),
     "weights truncated": (lambda d: _truncate(d / "model.safetensors", 0.9), "model.safetensors: truncated"),
