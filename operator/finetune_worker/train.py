@@ -120,21 +120,40 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
                        message="stopped by SIGTERM before training began", resumed_from=resumed_from)
 
     trainer = _trainer(spec, model, loss, data, workspace, watch)
-    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    step = trainer.state.global_step
-    if watch.requested and trainer.state.global_step < trainer.state.max_steps:
-        cp = trainer.last_checkpoint if spec.training.checkpoint.on_preemption else None
-        return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, step=step, checkpoint=cp,
-                       message=f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}"
-                       + (f"; saved {cp}" if cp else ""), resumed_from=resumed_from)
+    finished = _finished_state(resume)
+    if finished is not None:  # killed after the last checkpoint, before final/ was published: publish only
+        trainer._load_from_checkpoint(str(resume))  # (stock resume would train one step past the end)
+        step, epoch, train_loss = finished
+    else:
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        step, epoch, train_loss = trainer.state.global_step, float(trainer.state.epoch or 0), float(out.training_loss)
+        if watch.requested and step < trainer.state.max_steps:
+            newest = list_checkpoints(workspace)
+            cp = trainer.last_checkpoint or (newest[0].name if newest else None)
+            return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, step=step, checkpoint=cp,
+                           message=f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}"
+                           + (f"; saved {cp}" if cp and cp == trainer.last_checkpoint else ""),
+                           resumed_from=resumed_from)
     metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))} if data.eval is not None else {}
-    info = {"baseModel": base, "lora": spec.lora is not None, "steps": step, "epochs": float(trainer.state.epoch or 0),
+    info = {"baseModel": base, "lora": spec.lora is not None, "steps": step, "epochs": epoch,
             "loss": spec.training.loss, "seed": spec.training.seed, "trainRows": len(data.train),
             "evalRows": len(data.eval) if data.eval is not None else 0, "evalMetrics": metrics,
-            "trainLoss": float(out.training_loss), "versions": _versions()}
+            "trainLoss": train_loss, "versions": _versions()}
     _publish_final(model, spec, workspace, info)
     return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=step, checkpoint=FINAL_DIR,
                    message=f"trained {step} steps; result in {FINAL_DIR}/", resumed_from=resumed_from)
+
+
+def _finished_state(checkpoint: Path | None) -> tuple[int, float, float | None] | None:
+    """(step, epoch, last logged loss) when a checkpoint is the run's last step, else None."""
+    if checkpoint is None:
+        return None
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    step, max_steps = int(state.get("global_step", 0)), int(state.get("max_steps", 0) or 0)
+    if max_steps <= 0 or step < max_steps:
+        return None
+    losses = [e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e]
+    return step, float(state.get("epoch") or 0), float(losses[-1]) if losses else None
 
 
 def _completed(final: Path) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ with exactly the weights of an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,14 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted_full(tiny_model:
     assert info["lora"] is False and info["steps"] == 12 and info["trainRows"] == 56 and info["evalRows"] == 8
     assert "eval_loss" in info["evalMetrics"]
     assert checkpoint_names(ws) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]  # keep: 3
+
+    again = train(tmp_path, cfg, ws)  # a finished job started again (e.g. its pod restarted) does not retrain
+    assert again.rc == 0 and again.summary and again.summary["message"] == "already trained: final/ exists"
+    shutil.rmtree(ws / "final")  # killed after the last checkpoint, before final/ was published
+    last = train(tmp_path, cfg, ws)
+    assert last.rc == 0, last.stderr[-2000:]
+    assert last.summary and last.summary["resumedFrom"] == "checkpoint-12" and not last.events("progress")
+    assert max_abs_diff(tmp_path / "ref/final/model.safetensors", ws / "final/model.safetensors") <= 1e-6
 
 
 def test_sigterm_checkpoints_off_schedule_exits_75_and_lora_resume_is_exact(tiny_model: Path, tmp_path: Path) -> None:
