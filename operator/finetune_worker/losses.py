@@ -45,7 +45,8 @@ def _simple(name: str, model: SentenceTransformer, params: dict[str, Any]) -> to
     if name == "CachedMultipleNegativesRankingLoss":
         kwargs["mini_batch_size"] = int(params.get("miniBatchSize", 32))
         kwargs["show_progress_bar"] = False
-    return getattr(losses, name)(model, **kwargs)
+    loss: torch.nn.Module = getattr(losses, name)(model, **kwargs)
+    return loss
 
 
 def build_loss(spec: FineTuneSpec, model: SentenceTransformer) -> torch.nn.Module:

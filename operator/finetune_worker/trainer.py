@@ -16,6 +16,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import torch
 from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from torch.utils.data import RandomSampler
@@ -48,7 +49,7 @@ class ResumableTrainer(SentenceTransformerTrainer):
         self._ft_run_dir: Path | None = None
         self.last_checkpoint: str | None = None
 
-    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):  # type: ignore[no-untyped-def, override]
+    def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):  # type: ignore[no-untyped-def]
         return EpochSeededBatchSampler(RandomSampler(dataset, generator=generator), batch_size=batch_size,
                                        drop_last=drop_last, valid_label_columns=valid_label_columns,
                                        generator=generator, seed=seed)
@@ -74,20 +75,25 @@ class ResumableTrainer(SentenceTransformerTrainer):
         finally:
             self._ft_run_dir = None
         built = run_dir / name
-        save_loss_state(self.loss, built)
+        save_loss_state(self._ft_loss(), built)
         publish_dir(built, checkpoints_dir(self.ft_workspace) / name)
         shutil.rmtree(run_dir, ignore_errors=True)
         rotate(self.ft_workspace, self.ft_keep)
         self.last_checkpoint = name
         emit("checkpoint", name=name, step=step)
 
-    def _load_from_checkpoint(self, checkpoint_path, model=None):  # type: ignore[no-untyped-def, override]
+    def _load_from_checkpoint(self, checkpoint_path, model=None):  # type: ignore[no-untyped-def]
         path = Path(checkpoint_path)
         if self.ft_lora:
             load_adapter_weights(self.model, path)
         else:
             super()._load_from_checkpoint(checkpoint_path)
-        load_loss_state(self.loss, path)
+        load_loss_state(self._ft_loss(), path)
+
+    def _ft_loss(self) -> torch.nn.Module:
+        loss = self.loss
+        assert isinstance(loss, torch.nn.Module), "the worker trains one dataset with one loss"
+        return loss
 
 
 def load_adapter_weights(model: Any, checkpoint: Path) -> None:
@@ -101,6 +107,7 @@ def load_adapter_weights(model: Any, checkpoint: Path) -> None:
     state = load_file(str(files[0]))
     result = set_peft_model_state_dict(model.transformers_model, state)
     missing_lora = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-    if missing_lora or getattr(result, "unexpected_keys", None):
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing_lora or unexpected:
         raise RuntimeError(f"{files[0]}: adapter keys do not match the model (missing {missing_lora[:3]}, "
-                           f"unexpected {list(result.unexpected_keys)[:3]})")
+                           f"unexpected {unexpected[:3]})")
