@@ -4,8 +4,9 @@ Three changes to stock behaviour, each through the Trainer's own hooks:
 - `_save_checkpoint` writes into a `.staging-*` directory and publishes it with one rename, then
   rotates (keep the last K) — a kill mid-save never leaves a `checkpoint-N` that looks valid.
 - Loss-held weights (the TSDAE decoder) are saved into each checkpoint and restored on resume.
-- The batch sampler reseeds its generator with seed + epoch at every epoch, so a run resumed in
-  epoch 2 draws the same order as an uninterrupted one (stock reseeds only once per dataloader).
+- The batch sampler reseeds its generator with seed + epoch at every epoch, so the batch order is a
+  function of (seed, epoch) alone. Stock training is exact on resume today too (accelerate reseeds
+  on set_epoch); this keeps it so whatever the accelerate settings.
 """
 
 from __future__ import annotations
