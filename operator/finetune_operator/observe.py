@@ -16,6 +16,7 @@ Every ending is one of the results in contract.py:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,13 +83,24 @@ class Observed:
     claim_exists: bool = False
 
 
+def _finite_float(text: str) -> float | None:
+    """JSON numbers from a worker, with NaN/Infinity/1e400 read as null: the API server stores JSON,
+    which has no non-finite numbers, so one diverged loss would make every status patch fail."""
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _no_constant(text: str) -> None:  # NaN, Infinity, -Infinity
+    return None
+
+
 def parse_summary(message: str | None) -> dict[str, Any]:
     """The worker's termination summary (a JSON object), or {} when the message is something else
     (e.g. the log tail the kubelet falls back to when the process died without writing one)."""
     if not message or not message.lstrip().startswith("{"):
         return {}
     try:
-        doc = json.loads(message)
+        doc = json.loads(message, parse_float=_finite_float, parse_constant=_no_constant)
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
@@ -103,7 +115,7 @@ def parse_log_tail(text: str | None) -> tuple[dict[str, Any] | None, dict[str, A
         if not line.startswith("{") or (progress is not None and checkpoint is not None):
             continue
         try:
-            doc = json.loads(line)
+            doc = json.loads(line, parse_float=_finite_float, parse_constant=_no_constant)
         except ValueError:
             continue
         if not isinstance(doc, dict):
@@ -123,7 +135,7 @@ def parse_export_stage(text: str | None) -> str | None:
         if not line.startswith("{") or '"export"' not in line:
             continue
         try:
-            doc = json.loads(line)
+            doc = json.loads(line, parse_float=_finite_float, parse_constant=_no_constant)
         except ValueError:
             continue
         if (
