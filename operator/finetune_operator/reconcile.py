@@ -123,6 +123,7 @@ def _ttl(p: Pass) -> None:
     done = parse_time(p.st.get("completionTime"))
     if not isinstance(ttl, int) or isinstance(ttl, bool) or done is None:
         return
+    ttl = min(ttl, 2**31 - 1)  # the parser caps it; a finished job's spec is not re-parsed
     remaining = (done + dt.timedelta(seconds=ttl) - p.now).total_seconds()
     if remaining <= 0:
         p.plan.delete_job = True
