@@ -30,6 +30,8 @@ def record_endings(p: Pass, observed: Observed) -> None:
                    "startedAt": pod.started_at or p.ts, "resumedFrom": None}  # fmt: skip
             attempts.append(rec)
             by_pod[pod.name] = rec
+            if pod.attempt > 1:  # its launch pass died before writing status: count the restart now
+                p.st["restarts"] = p.st.get("restarts", 0) + 1
         if pod.ended and not rec.get("result"):
             _close(p, rec, pod)
     names = {pod.name for pod in observed.pods}
