@@ -41,10 +41,11 @@ MESSAGES = [
     "", "not json", "{", "[1, 2]", "null", '{"result": "completed", "step": 40, "checkpoint": "checkpoint-40"}',
     '{"result": "preempted", "step": "forty", "checkpoint": 7, "resumedFrom": {"x": 1}}',
     '{"message": "' + "m" * 5000 + '"}', '{"export": "/workspace/export", "formats": ["huggingface"], "maxDeviation": 1e-7}',
-    '{"step": 12, "checkpoint": "checkpoint-\\u0000"}',
+    '{"step": 12, "checkpoint": "checkpoint-\\u0000"}', '{"step": 1e400, "maxDeviation": NaN, "checkpoint": "checkpoint-4"}',
 ]  # fmt: skip
 LOG_TAILS = [None, "", '{"event": "progress", "step": 3, "totalSteps": 10, "loss": 0.5}',
              '{"event": "progress", "step": "x", "totalSteps": 0}\n{"event": "checkpoint", "name": "checkpoint-3", "step": 3}',
+             '{"event": "progress", "step": 4, "totalSteps": 10, "loss": NaN, "samplesPerSecond": Infinity}',
              '{"event": "checkpoint", "name": 5}\ngarbage\n{"event": "progress", "step": -1, "totalSteps": -5}']  # fmt: skip
 
 
@@ -287,3 +288,39 @@ def applied(job: dict[str, Any], plan: Plan) -> tuple[dict[str, Any], Plan]:
         else:
             job["status"][k] = v
     return job, plan
+
+
+def test_non_finite_numbers_from_a_worker_never_reach_status() -> None:
+    """Regression: a diverged loss (NaN) in a progress line, or 1e400 in a summary, went into the
+    status patch; the API server rejects non-JSON numbers, so every later status write failed."""
+    w = new_world(SPECS[0], 1)
+    one_pass(w)
+    pod = next(iter(w.pods.values()))
+    pod.phase, pod.log = "Running", '{"event": "progress", "step": 4, "totalSteps": 10, "loss": NaN}'
+    one_pass(w)  # json.dumps(allow_nan=False) inside
+    assert w.job["status"]["progress"]["loss"] is None and w.job["status"]["progress"]["step"] == 4
+    end(pod, 75, "Error", '{"result": "preempted", "step": 1e400, "checkpoint": "checkpoint-4"}')
+    one_pass(w)
+    assert w.job["status"]["checkpoint"]["name"] == "checkpoint-4"
+
+
+def test_a_pod_adopted_after_its_launch_pass_died_counts_as_a_restart() -> None:
+    """Regression (found by the operator chaos suite): the operator restarted between creating
+    train-3 and writing status; the adopted attempt was not counted in status.restarts."""
+    w = new_world(SPECS[0], 3)
+    one_pass(w)
+    for _ in range(2):
+        pod = next(p for p in w.pods.values() if p.live)
+        end(pod, 75, "Error", '{"result": "preempted", "checkpoint": "checkpoint-5", "step": 5}')
+        one_pass(w)
+        w.now += dt.timedelta(seconds=SETTINGS.backoff_max + 1)
+        one_pass(w)  # past any backoff: the next attempt is created
+    assert sorted(w.pods) == ["fz-train-1", "fz-train-2", "fz-train-3"]
+    before = copy.deepcopy(w.job["status"])
+    lost = before["attempts"].pop()  # as if that status write never happened
+    before["restarts"] -= 1
+    w.job["status"] = before
+    one_pass(w)
+    st = w.job["status"]
+    assert [a["pod"] for a in st["attempts"]] == ["fz-train-1", "fz-train-2", lost["pod"]]
+    assert st["restarts"] == 2

@@ -218,6 +218,14 @@ def test_a_hostile_spec_fails_the_job_naming_the_field_and_creates_nothing(value
     assert len(plan.status["message"]) < 1000
 
 
+def test_a_huge_ttl_edited_after_the_job_finished_does_not_crash_reconcile() -> None:
+    """Regression: reconcile read spec.ttlSecondsAfterFinished raw for a finished job, and
+    timedelta(seconds=10**30) raised OverflowError on every pass."""
+    status = {"phase": "Succeeded", "completionTime": "2026-01-01T11:00:00Z", "observedGeneration": 1}
+    plan = reconcile(job(with_("ttlSecondsAfterFinished", 10**30), status), Observed(), T0, Settings())
+    assert not plan.delete_job and plan.requeue_after is not None
+
+
 # ----------------------------------------------------------------------------- the worker CLI
 
 
