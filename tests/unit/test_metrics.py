@@ -1,4 +1,8 @@
-"""Operator metrics as Prometheus would scrape them."""
+"""Operator metrics as Prometheus would scrape them.
+
+The registry is process-wide and other tests in the same session run handlers that record
+phases and attempts, so each assertion is on the change this test makes, not on absolutes.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,27 @@ from prometheus_client import generate_latest
 from finetune_operator import metrics
 
 
+def _jobs(phase: str) -> float:
+    return metrics.REGISTRY.get_sample_value("finetune_jobs", {"phase": phase}) or 0.0
+
+
+def _attempts(role: str, result: str) -> float:
+    return metrics.REGISTRY.get_sample_value("finetune_attempts_total", {"role": role, "result": result}) or 0.0
+
+
 def test_jobs_by_phase_follow_each_job_and_attempts_count_by_result() -> None:
-    metrics.observe_phase("ns", "a", "Training")
-    metrics.observe_phase("ns", "b", "Training")
-    metrics.observe_phase("ns", "a", "Succeeded")
+    ns = "test-metrics-ns"
+    training, succeeded = _jobs("Training"), _jobs("Succeeded")
+    preempted = _attempts("train", "preempted")
+    metrics.observe_phase(ns, "a", "Training")
+    metrics.observe_phase(ns, "b", "Training")
+    metrics.observe_phase(ns, "a", "Succeeded")
     metrics.observe_attempts([("train", "preempted"), ("train", "preempted"), ("export", "completed")])
+    assert _jobs("Training") - training == 1 and _jobs("Succeeded") - succeeded == 1
+    assert _attempts("train", "preempted") - preempted == 2
+    metrics.observe_phase(ns, "a", None)
+    metrics.observe_phase(ns, "b", None)
+    assert _jobs("Training") == training and _jobs("Succeeded") == succeeded
     text = generate_latest(metrics.REGISTRY).decode()
-    assert 'finetune_jobs{phase="Training"} 1.0' in text and 'finetune_jobs{phase="Succeeded"} 1.0' in text
-    assert 'finetune_attempts_total{result="preempted",role="train"} 2.0' in text
-    metrics.observe_phase("ns", "a", None)
-    metrics.observe_phase("ns", "b", None)
-    text = generate_latest(metrics.REGISTRY).decode()
-    assert 'finetune_jobs{phase="Training"} 0.0' in text and 'finetune_jobs{phase="Succeeded"} 0.0' in text
-    assert "finetune_reconcile_seconds_bucket" in text
+    assert 'finetune_jobs{phase="Training"}' in text and "finetune_reconcile_seconds_bucket" in text
+    assert 'finetune_attempts_total{result="preempted",role="train"}' in text
