@@ -11,6 +11,7 @@ missing column, a CoSENT score column that is not float) live in the worker, whi
 
 from __future__ import annotations
 
+import builtins  # _Obj's methods are named bool/int/float/str; annotations after them need these
 import json
 import math
 import re
@@ -243,7 +244,7 @@ class _Obj:
         return v
 
     def float(self, key: str, default: float | None, lo: float | None = None, hi: float | None = None,
-              lo_open: bool = False) -> float | None:
+              lo_open: builtins.bool = False) -> builtins.float | None:
         v = self.get(key)
         if v is None:
             return default
@@ -261,7 +262,7 @@ class _Obj:
         return v
 
     def str(self, key: str, default: str | None, choices: tuple[str, ...] | None = None,
-            max_len: int = 253) -> str | None:
+            max_len: builtins.int = 253) -> builtins.str | None:
         v = self.get(key)
         if v is None:
             return default
