@@ -587,6 +587,8 @@ def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
     node_selector = o.get("nodeSelector") or {}
     if not isinstance(node_selector, dict) or not all(isinstance(v, str) for v in node_selector.values()):
         raise SpecError(o.at("nodeSelector"), "must map label names to string values")
+    if len(node_selector) > 64:  # the CRD's maxProperties
+        raise SpecError(o.at("nodeSelector"), f"at most 64 labels, got {len(node_selector)}")
     for k, v in node_selector.items():
         if not isinstance(k, str) or len(k) > 316 or not _QUALIFIED.match(k) or len(v) > 63 or not _LABEL_VALUE.match(v):
             raise SpecError(f"{o.at('nodeSelector')}.{k}", f"not a node label: {_show(k)}={_show(v)}")

@@ -183,6 +183,13 @@ BAD = [
     ("backoff limit above 100", {"backoffLimit": 101}, "spec.backoffLimit"),
     ("negative TTL", {"ttlSecondsAfterFinished": -5}, "spec.ttlSecondsAfterFinished"),
     ("suspend not a boolean", {"suspend": "yes"}, "spec.suspend"),
+    ("checkpoint every 10**10 steps", {"training__checkpoint": {"everySteps": 10**10}}, "spec.training.checkpoint.everySteps"),
+    ("TTL beyond int32", {"ttlSecondsAfterFinished": 2**31}, "spec.ttlSecondsAfterFinished"),
+    ("GPU resource with a space", {"resources__gpuResource": "nvidia gpu"}, "spec.resources.gpuResource"),
+    ("image with a newline", {"image": "worker:dev\nrm -rf /"}, "spec.image"),
+    ("priority class not a name", {"priorityClassName": "High_Priority"}, "spec.priorityClassName"),
+    ("storage class not a name", {"storage__storageClassName": "Fast SSD"}, "spec.storage.storageClassName"),
+    ("node label value with a slash", {"nodeSelector": {"pool": "gpu/a100"}}, "spec.nodeSelector.pool"),
     # Cross-field rules: CEL in the CRD, _cross_checks in the parser.
     ("TSDAE with LoRA", {"training__loss": "DenoisingAutoEncoderLoss", "dataset__inline": [{"text": "t"}]}, "spec.lora"),
     ("adapter export of a full fine-tune", {"lora": _DELETE}, "spec.export.formats"),
