@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 ##@ General
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z0-9_-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z0-9_.-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 ##@ Development
 dev: $(VENV)/.installed ## Create .venv: CPU torch 2.13.0 first, then the project with [worker,dev]
@@ -32,6 +32,9 @@ test: dev ## Run every test tier (the e2e tier skips without Docker and kind)
 
 test-quick: dev ## Unit tests only (seconds)
 	bash scripts/pytest.sh tests/unit
+
+chaos: dev ## Chaos suite alone: CHAOS_TRIALS=N CHAOS_SEED=S make chaos (ledger in chaos.json)
+	CHAOS_REPORT=$${CHAOS_REPORT:-chaos.json} bash scripts/pytest.sh tests/chaos -m chaos $(PYTEST_ARGS)
 
 lint: dev ## ruff, mypy (strict on the control plane), import-linter layering
 	$(VENV)/bin/ruff check operator tests bench
