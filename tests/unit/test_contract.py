@@ -1,0 +1,21 @@
+"""The operator ⇄ worker contract's names."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_operator.contract import checkpoint_name, checkpoint_step
+
+
+@pytest.mark.parametrize("step", [0, 1, 200, 10**9])
+def test_checkpoint_names_round_trip(step: int) -> None:
+    assert checkpoint_step(checkpoint_name(step)) == step
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["checkpoint-", "checkpoint-1a", "checkpoint--1", "checkpoint-1.5", "ckpt-1", "checkpoint-１２", "checkpoint-²",
+     ".staging-checkpoint-5", "checkpoint-5 "],
+)  # fmt: skip
+def test_anything_else_is_not_a_checkpoint(name: str) -> None:
+    assert checkpoint_step(name) is None
