@@ -58,5 +58,5 @@ def checkpoint_step(name: str) -> int | None:
     if not name.startswith(CHECKPOINT_PREFIX):
         return None
     tail = name[len(CHECKPOINT_PREFIX) :]
-    # ASCII only: str.isdigit() also accepts '１２' and '²', which int() reads or refuses; neither is ours
+    # ASCII only: str.isdigit() also accepts full-width and superscript digits, which int() reads or refuses; neither is ours
     return int(tail) if tail.isascii() and tail.isdigit() else None

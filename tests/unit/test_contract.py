@@ -14,7 +14,7 @@ def test_checkpoint_names_round_trip(step: int) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["checkpoint-", "checkpoint-1a", "checkpoint--1", "checkpoint-1.5", "ckpt-1", "checkpoint-１２", "checkpoint-²",
+    ["checkpoint-", "checkpoint-1a", "checkpoint--1", "checkpoint-1.5", "ckpt-1", "checkpoint-\uff11\uff12", "checkpoint-\u00b2",
      ".staging-checkpoint-5", "checkpoint-5 "],
 )  # fmt: skip
 def test_anything_else_is_not_a_checkpoint(name: str) -> None:
