@@ -11,9 +11,10 @@ import copy
 import datetime as dt
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
-from .contract import API_VERSION, CONFIG_ENV, DEFAULT_WORKSPACE, GROUP, KIND
+from .contract import API_VERSION, CONFIG_ENV, DEFAULT_WORKSPACE, EXPORT_DIR, GROUP, KIND
 from .spec import FineTuneSpec
 
 LABEL_JOB = f"{GROUP}/job"
@@ -26,6 +27,11 @@ ROLES = (ROLE_TRAIN, ROLE_EXPORT)
 DEFAULT_WORKER_IMAGE = "ghcr.io/finetune-operator/worker:0.1.0"
 WORKER_COMMAND = "finetune-worker"
 WORKSPACE_VOLUME = "workspace"
+SOURCE_VOLUME = "source-workspace"
+# spec.model.fromJob: the source job's export is mounted read-only at <JOBS_ROOT>/<job>/export and
+# the worker (finetune_worker.modelsrc) finds it through this env var.
+JOBS_ROOT = "/finetune/jobs"
+JOBS_ROOT_ENV = "FINETUNE_JOBS_ROOT"
 CONTAINER_NAME = "worker"
 WORKER_UID = 1000
 CONFIG_ENV_MAX_BYTES = 100 * 1024  # what we allow in one env var (the kubelet's limit is near 128 KiB)
@@ -43,6 +49,20 @@ def pod_name(job_name: str, role: str, attempt: int) -> str:
 
 def claim_name(job_name: str, spec: FineTuneSpec) -> str:
     return spec.storage.claim_name or f"{job_name}-workspace"
+
+
+@dataclass(frozen=True)
+class SourceWorkspace:
+    """The job a `spec.model.fromJob` continues from: its name and its workspace claim."""
+
+    job: str
+    claim: str
+
+
+def needs_source(spec: FineTuneSpec, role: str) -> bool:
+    """Whether a `role` pod reads the fromJob source's export: training always (it is the base);
+    export only to merge a LoRA adapter onto it (a full fine-tune's result is self-contained)."""
+    return spec.model.from_job is not None and (role == ROLE_TRAIN or spec.lora is not None)
 
 
 def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
@@ -128,6 +148,7 @@ def build_pod(
     *,
     image: str | None = None,
     grace_seconds: int = 300,
+    source: SourceWorkspace | None = None,
 ) -> dict[str, Any]:
     """A worker pod for `role` (train or export), attempt number `attempt`.
 
@@ -138,6 +159,9 @@ def build_pod(
         attempt: 1-based attempt number of that role; part of the pod name.
         image: the operator's default worker image (spec.image wins).
         grace_seconds: terminationGracePeriodSeconds, long enough for a checkpoint on SIGTERM.
+        source: the fromJob source: its claim's `export/` is mounted read-only at
+            `JOBS_ROOT/<job>/export` (one volume when it is this job's claim too) and
+            `FINETUNE_JOBS_ROOT` tells the worker where to look.
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
@@ -170,6 +194,17 @@ def build_pod(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    volumes: list[dict[str, Any]] = [
+        {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(name, spec)}}
+    ]
+    if source is not None:
+        volume = WORKSPACE_VOLUME if source.claim == claim_name(name, spec) else SOURCE_VOLUME
+        if volume == SOURCE_VOLUME:
+            volumes.append({"name": SOURCE_VOLUME,
+                            "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}})  # fmt: skip
+        container["volumeMounts"].append({"name": volume, "mountPath": f"{JOBS_ROOT}/{source.job}/{EXPORT_DIR}",
+                                          "subPath": EXPORT_DIR, "readOnly": True})  # fmt: skip
+        container["env"].append({"name": JOBS_ROOT_ENV, "value": JOBS_ROOT})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -182,9 +217,7 @@ def build_pod(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [
-            {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(name, spec)}}
-        ],
+        "volumes": volumes,
     }
     if spec.node_selector:
         pod_spec["nodeSelector"] = copy.deepcopy(spec.node_selector)

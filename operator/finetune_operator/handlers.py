@@ -67,7 +67,8 @@ def _lock(namespace: str, name: str) -> asyncio.Lock:
 
 
 async def observe(kube: Kube, job: dict[str, Any]) -> Observed:
-    """List the job's pods (read the log tail of running ones) and check its workspace claim."""
+    """List the job's pods (read the log tail of running ones), check its workspace claim, and read
+    the spec.model.fromJob source job (same namespace) for reconcile to judge."""
     meta = job["metadata"]
     ns, uid = meta.get("namespace"), meta.get("uid")
     pods = [
@@ -91,11 +92,15 @@ async def observe(kube: Kube, job: dict[str, Any]) -> Observed:
             tail = await kube.pod_log(ns, pod["metadata"]["name"], LOG_TAIL_LINES)
         observations.append(observe_pod(pod, tail))
     try:
-        claim = claim_name(meta["name"], parse_spec(job.get("spec")))
-        claim_exists = await kube.get("v1", "persistentvolumeclaims", ns, claim) is not None
+        spec = parse_spec(job.get("spec"))
     except SpecError:
-        claim_exists = False
-    return Observed(pods=tuple(observations), claim_exists=claim_exists)
+        return Observed(pods=tuple(observations), claim_exists=False)
+    claim = claim_name(meta["name"], spec)
+    claim_exists = await kube.get("v1", "persistentvolumeclaims", ns, claim) is not None
+    source = None
+    if spec.model.from_job and spec.model.from_job != meta["name"]:
+        source = await kube.get(API_VERSION, PLURAL, ns, spec.model.from_job)
+    return Observed(pods=tuple(observations), claim_exists=claim_exists, source_job=source)
 
 
 async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any) -> None:

@@ -81,6 +81,9 @@ class Observed:
 
     pods: tuple[PodObservation, ...] = ()
     claim_exists: bool = False
+    # spec.model.fromJob: the source FineTuneJob as read from the API (same namespace), None when
+    # it does not exist (or the job has no fromJob). Reconcile decides what its state means.
+    source_job: dict[str, Any] | None = None
 
 
 def _finite_float(text: str) -> float | None:

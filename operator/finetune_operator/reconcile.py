@@ -12,6 +12,12 @@ Lifecycle: Pending -> Training -> Exporting -> Succeeded, with Failed and Suspen
   - Export failures retry the export only (their own count against backoffLimit).
   - Never two workers on one workspace: no pod starts while another of the job's pods still runs
     or terminates.
+  - `spec.model.fromJob`: the source FineTuneJob (same namespace, read by the caller into
+    `observed.source_job`) gates every launch of a pod that reads its export (training; export of a
+    LoRA job, which merges onto it). Missing or not Succeeded yet -> wait (WaitingForSourceJob,
+    looked at again every pending_interval: GitOps applies both jobs at once); Failed ->
+    SourceJobFailed; Succeeded without a sentence-transformers export -> SourceExportMissing.
+    A running pod is never stopped for what happens to the source later.
 """
 
 from __future__ import annotations
@@ -21,7 +27,16 @@ from typing import Any
 
 from . import status as S
 from .attempts import record_endings, record_live_progress
-from .builders import ROLE_EXPORT, ROLE_TRAIN, build_pod, build_pvc, config_too_large
+from .builders import (
+    ROLE_EXPORT,
+    ROLE_TRAIN,
+    SourceWorkspace,
+    build_pod,
+    build_pvc,
+    claim_name,
+    config_too_large,
+    needs_source,
+)
 from .contract import RESULT_COMPLETED, RESULT_INVALID
 from .observe import Observed, PodObservation
 from .plan import Delete, Pass, Plan, Settings, describe, parse_time
@@ -180,6 +195,12 @@ def _run(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObservat
                 f"retrying in {wait:.0f}s after {describe(last[0]) if last else 'an interruption'}")  # fmt: skip
         p.plan.requeue_after = wait
         return p.finish()
+    source = None
+    if needs_source(spec, role):
+        gate = _source_workspace(p, spec, role, observed, live)
+        if isinstance(gate, Plan):
+            return gate
+        source = gate
     if not observed.claim_exists:
         if spec.storage.claim_name:
             p.phase(S.PHASE_PENDING, S.REASON_WAITING_FOR_STORAGE,
@@ -187,17 +208,71 @@ def _run(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObservat
             p.plan.requeue_after = p.settings.pending_interval
             return p.finish()
         p.plan.create.append(build_pvc(p.job, spec))
-    return _launch(p, spec, role, observed)
+    return _launch(p, spec, role, observed, source)
 
 
-def _launch(p: Pass, spec: FineTuneSpec, role: str, observed: Observed) -> Plan:
+def _source_workspace(
+    p: Pass, spec: FineTuneSpec, role: str, observed: Observed, live: list[PodObservation]
+) -> SourceWorkspace | Plan:
+    """The fromJob source's workspace when its export can be mounted, else the waiting/failed plan."""
+    name, me = str(spec.model.from_job), str(p.job["metadata"]["name"])
+    field = "spec.model.fromJob"
+    if name == me:
+        return _invalid(p, live, S.REASON_INVALID_SPEC, f"{field}: a job cannot continue from itself")
+    src = observed.source_job
+    if src is None:
+        ns = p.job["metadata"].get("namespace") or "default"
+        return _wait_for_source(p, role, f"waiting for FineTuneJob {name} ({field}): "
+                                         f"it does not exist in namespace {ns}")  # fmt: skip
+    try:
+        src_spec: FineTuneSpec | None = parse_spec(src.get("spec"))
+    except SpecError:
+        src_spec = None
+    claim = claim_name(name, src_spec) if src_spec is not None else None
+    if claim is not None and claim == claim_name(me, spec):
+        return _invalid(p, live, S.REASON_INVALID_SPEC,
+                        f"spec.storage.claimName: {claim} is also the workspace of the source job {name} "
+                        f"({field}); the two jobs would share checkpoints, final/ and export/: "
+                        "give this job its own claim")  # fmt: skip
+    sst = src.get("status") or {}
+    phase = sst.get("phase")
+    if phase == S.PHASE_FAILED:
+        return _fail(p, live, S.REASON_SOURCE_FAILED,
+                     f"source job {name} ({field}) failed ({sst.get('reason')}): {sst.get('message')}")  # fmt: skip
+    if phase != S.PHASE_SUCCEEDED:
+        state = f"{phase} ({sst['reason']})" if phase and sst.get("reason") else (phase or "not started")
+        return _wait_for_source(
+            p, role, f"waiting for FineTuneJob {name} ({field}) to succeed; it is {state}"
+        )
+    if src_spec is None or claim is None:
+        return _fail(p, live, S.REASON_SOURCE_EXPORT_MISSING,
+                     f"source job {name} ({field}) succeeded but its spec is no longer valid")  # fmt: skip
+    formats = (sst.get("export") or {}).get("formats")
+    formats = list(formats) if isinstance(formats, list) else list(src_spec.export.formats)
+    if "sentence-transformers" not in formats:
+        return _fail(p, live, S.REASON_SOURCE_EXPORT_MISSING,
+                     f"source job {name} ({field}) succeeded without a sentence-transformers export "
+                     f"(it exported {', '.join(map(str, formats)) or 'nothing'}); a continuation starts from that "
+                     f"format: add sentence-transformers to {name}'s spec.export.formats and run it again")  # fmt: skip
+    return SourceWorkspace(job=name, claim=claim)
+
+
+def _wait_for_source(p: Pass, role: str, message: str) -> Plan:
+    phase = S.PHASE_EXPORTING if role == ROLE_EXPORT else S.PHASE_PENDING
+    p.phase(phase, S.REASON_WAITING_FOR_SOURCE, message, announce=True)
+    p.plan.requeue_after = p.settings.pending_interval
+    return p.finish()
+
+
+def _launch(
+    p: Pass, spec: FineTuneSpec, role: str, observed: Observed, source: SourceWorkspace | None = None
+) -> Plan:
     st = p.st
     numbers = [pod.attempt for pod in observed.pods if pod.role == role]
     numbers += [int(a.get("attempt") or 0) for a in st["attempts"] if a.get("role") == role]
     attempt = max(numbers, default=0) + 1
-    pod = build_pod(
-        p.job, spec, role, attempt, image=p.settings.worker_image, grace_seconds=p.settings.grace_seconds
-    )
+    pod = build_pod(p.job, spec, role, attempt, image=p.settings.worker_image,
+                    grace_seconds=p.settings.grace_seconds, source=source)  # fmt: skip
     p.plan.create.append(pod)
     name = pod["metadata"]["name"]
     resumed = (st.get("checkpoint") or {}).get("name") if role == ROLE_TRAIN else None

@@ -2,6 +2,13 @@
 
 `resolve_base_model` turns `spec.model` into something loadable: a local directory or a hub id.
 `load_sentence_transformer` loads it on the right device with the spec's options.
+
+`spec.model.fromJob: J` continues from J's export: `<FINETUNE_JOBS_ROOT>/J/export/sentence-transformers`.
+The operator waits until J has Succeeded, then mounts J's workspace claim (`export/`, read-only) at
+`/finetune/jobs/J/export` in the training pod (and in a LoRA job's export pod, which merges onto it)
+and sets FINETUNE_JOBS_ROOT=/finetune/jobs; `finetune-operator local A.yaml B.yaml` maps that mount
+to A's local claim directory. Run by hand, set FINETUNE_JOBS_ROOT to a directory holding
+`J/export/`; unset, it is the workspace's parent (sibling workspaces named after their jobs).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune_operator.builders import JOBS_ROOT_ENV  # the operator sets it in the pods it builds
 from finetune_operator.contract import EXPORT_DIR
 from finetune_operator.spec import BUILTIN_PREFIX, FineTuneSpec
 
@@ -19,7 +27,6 @@ from .errors import InvalidInput
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-JOBS_ROOT_ENV = "FINETUNE_JOBS_ROOT"  # where other jobs' workspaces live (default: the workspace's parent)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -47,9 +54,11 @@ def resolve_base_model(spec: FineTuneSpec, workspace: Path) -> str:
         root = Path(os.environ[JOBS_ROOT_ENV]) if os.environ.get(JOBS_ROOT_ENV) else Path(workspace).parent
         path = root / m.from_job / EXPORT_DIR / "sentence-transformers"
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
+            unset = f"; {JOBS_ROOT_ENV} is unset, so it was looked for next to the workspace"
+            where = "" if os.environ.get(JOBS_ROOT_ENV) else unset
             raise InvalidInput(
                 f"spec.model.fromJob: job {m.from_job!r} has no sentence-transformers export at {path} "
-                "(has it succeeded, with 'sentence-transformers' in export.formats?)"
+                f"(has it succeeded, with 'sentence-transformers' in export.formats?){where}"
             )
         return str(path)
     base = m.base or "builtin:all-MiniLM-L6-v2"
