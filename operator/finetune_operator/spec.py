@@ -638,12 +638,12 @@ def load_config(text: str) -> tuple[dict[str, Any], FineTuneSpec]:
 
     Returns (metadata, spec). metadata is {} when the text held only a spec.
     """
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+    try:  # JSON first (what the operator passes): YAML 1.1 reads JSON's 5e-05 as the string "5e-05"
+        doc = json.loads(text)
+    except ValueError:
         try:
-            doc = json.loads(text)
-        except ValueError:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
             raise SpecError("config", f"neither YAML nor JSON: {e}") from None
     if not isinstance(doc, dict):
         raise SpecError("config", f"must be a FineTuneJob or its spec (an object), got {_kind(doc)}")
