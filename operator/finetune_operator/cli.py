@@ -25,11 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-v", "--verbose", action="store_true")
     local = sub.add_parser(
-        "local", help="run one FineTuneJob end to end on this machine, pods as local processes"
+        "local", help="run FineTuneJobs end to end on this machine, pods as local processes"
     )
-    local.add_argument("file", help="a FineTuneJob YAML (e.g. manifests/samples/...)")
+    local.add_argument("file", nargs="+", help="FineTuneJob YAML files (e.g. manifests/samples/...); several "
+                                               "run together, so a spec.model.fromJob finds its source")  # fmt: skip
     local.add_argument(
-        "--workdir", default=None, help="where the workspace lives (default: ./.finetune/<name>)"
+        "--workdir", default=None, help="where the workspaces live (default: ./.finetune/<first job's name>)"
     )
     local.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     return p

@@ -15,6 +15,10 @@ What a pod becomes here:
     what makes resume-from-checkpoint work); `emptyDir` and any other kind -> a fresh directory under
     `pods/<name>/volumes/`. Every arg, env value and workingDir equal to or under a `mountPath`
     (also as the value of `--flag=PATH`) is rewritten to the local directory (`subPath` honoured).
+    Directories above mount points that exist neither as a mount nor on this host (`/finetune/jobs`
+    above a fromJob source's `/finetune/jobs/<job>/export`) are built under `pods/<name>/rootfs/`
+    with the mounts as symlinks, and paths at or under them are rewritten there. `readOnly` is not
+    enforced: the processes run as this user.
   - stdout+stderr -> `pods/<name>/log`; status is a Kubernetes PodStatus dict.
   - `resources.limits.memory` is enforced like the kernel's cgroup OOM killer: a pod whose process
     tree's RSS goes over the limit is SIGKILLed and reported as `OOMKilled`, exit code 137.
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import posixpath
 import shutil
 import signal as _signal
 import subprocess
@@ -40,7 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .podlocal import env_value, expand_vars, killpg, parse_memory_quantity, rewrite_path, tree_rss
+from .podlocal import (
+    env_value,
+    expand_vars,
+    killpg,
+    parse_memory_quantity,
+    rewrite_path,
+    synthesized_parents,
+    tree_rss,
+)
 
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"  # read by finetune_worker.summary
 TERMINATION_MESSAGE_MAX_BYTES = 4096  # what the kubelet keeps of /dev/termination-log
@@ -217,6 +230,16 @@ class LocalPodExecutor:
             local = volumes[m["name"]] / m["subPath"] if m.get("subPath") else volumes[m["name"]]
             local.mkdir(parents=True, exist_ok=True)
             mounts.append((m["mountPath"].rstrip("/") or "/", str(local)))
+        parents = synthesized_parents([path for path, _ in mounts])
+        rootfs = record.dir / "rootfs"
+        for path, local in list(mounts):
+            if posixpath.dirname(path) in parents:
+                link = rootfs / path.lstrip("/")
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(local, target_is_directory=True)
+        for parent in parents:
+            (rootfs / parent.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            mounts.append((parent, str(rootfs / parent.lstrip("/"))))
         return sorted(mounts, key=lambda mp: len(mp[0]), reverse=True)  # the deepest mount wins
 
     def _resolve(self, command: str) -> str:

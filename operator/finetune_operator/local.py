@@ -1,4 +1,4 @@
-"""`finetune-operator local FILE.yaml`: the embedded default, no cluster needed.
+"""`finetune-operator local FILE.yaml [FILE.yaml ...]`: the embedded default, no cluster needed.
 
 It drives the same `reconcile` as the in-cluster operator, with a LocalPodExecutor in place of
 the API server and kubelet: the pods reconcile plans are run as local processes, the workspace
@@ -6,6 +6,13 @@ claim is a local directory (`<workdir>/pvcs/<claim>/`), the job's status lives i
 `<workdir>/status.json`. It prints the status transitions as `kubectl get ftj -w` would and ends
 with the path of the exported model; exit 0 on Succeeded, 1 on Failed, 130 on Ctrl-C (after
 stopping the worker gracefully, so a rerun with the same --workdir resumes from its checkpoint).
+
+Several jobs (several files, or `---`-separated documents) run in one local world, like one
+namespace: one workdir, every claim under `<workdir>/pvcs/`, each status in
+`<workdir>/status/<name>.json`. So `spec.model.fromJob` resolves as in a cluster: the
+continuation waits until its source has Succeeded, and its pods get the source's claim
+(a local directory) mounted at the same path. A fromJob naming a job that is not among the files
+is refused up front (nothing would ever create it). Exit 0 when every job Succeeded.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,6 +43,7 @@ from .status import PHASE_FAILED, PHASE_SUCCEEDED
 LOCAL_SETTINGS = Settings(worker_image="local", grace_seconds=60, backoff_base=2.0, backoff_max=30.0,
                           progress_interval=1.0, pending_interval=1.0)  # fmt: skip
 COLUMNS = ("NAME", "PHASE", "PROGRESS", "CHECKPOINT", "RESTARTS", "AGE")
+SHOWN_EVENTS = ("Resumed", "AttemptPreempted", "AttemptEvicted", "WaitingForSourceJob")  # besides Warnings
 
 
 def load_job(path: Path) -> dict[str, Any]:
@@ -47,14 +56,39 @@ def load_job(path: Path) -> dict[str, Any]:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise SpecError(str(path), f"cannot read: {e}") from None
+    return _job_from(doc, str(path), path.stem.replace("_", "-").lower())
+
+
+def load_jobs(path: Path) -> list[dict[str, Any]]:
+    """Every FineTuneJob in a YAML/JSON file: one as `load_job` reads it, or several
+    `---`-separated documents, each a whole FineTuneJob with its metadata.name.
+
+    Raises:
+        SpecError: a document is not a FineTuneJob.
+    """
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(str(path), f"cannot read: {e}") from None
+    if len(docs) <= 1:
+        return [load_job(path)]
+    jobs = []
+    for i, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict) or not (doc.get("metadata") or {}).get("name"):
+            raise SpecError(f"{path} document {i}", "each of several jobs in one file needs metadata.name")
+        jobs.append(_job_from(doc, f"{path} document {i}", ""))
+    return jobs
+
+
+def _job_from(doc: Any, where: str, default_name: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
-        raise SpecError(str(path), "must hold a FineTuneJob (an object)")
+        raise SpecError(where, "must hold a FineTuneJob (an object)")
     if "spec" not in doc and "kind" not in doc:
         doc = {"spec": doc}
     if doc.get("kind", KIND) != KIND:
         raise SpecError("kind", f"expected {KIND}, got {doc.get('kind')!r}")
     meta = dict(doc.get("metadata") or {})
-    meta.setdefault("name", path.stem.replace("_", "-").lower())
+    meta.setdefault("name", default_name)
     meta["namespace"] = meta.get("namespace") or "default"
     meta.update(uid=str(uuid.uuid4()), generation=1)
     return {
@@ -64,6 +98,30 @@ def load_job(path: Path) -> dict[str, Any]:
         "spec": doc.get("spec") or {},
         "status": {},
     }
+
+
+def world_problem(jobs: list[dict[str, Any]]) -> str | None:
+    """Why these jobs cannot run together (a duplicate name, a fromJob naming a job that is not
+    among them, a fromJob cycle), or None."""
+    names = [str(j["metadata"]["name"]) for j in jobs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        return f"two jobs are named {dupes[0]}"
+    source: dict[str, str] = {}
+    for j in jobs:
+        src = ((j.get("spec") or {}).get("model") or {}).get("fromJob")
+        if isinstance(src, str) and src != j["metadata"]["name"]:  # itself: reconcile says InvalidSpec
+            source[str(j["metadata"]["name"])] = src
+    for name, src in source.items():
+        if src not in names:
+            return (f"{name}: spec.model.fromJob names FineTuneJob {src}, which is not among the files given; "
+                    f"pass its file too (finetune-operator local {src}.yaml {name}.yaml)")  # fmt: skip
+        chain = [name]
+        while chain[-1] in source:
+            chain.append(source[chain[-1]])
+            if chain[-1] in chain[:-1]:
+                return f"spec.model.fromJob cycle: {' -> '.join(chain)}"
+    return None
 
 
 def age(seconds: float) -> str:
@@ -76,100 +134,131 @@ def age(seconds: float) -> str:
 
 
 class LocalRunner:
-    """Runs one FineTuneJob to the end with local processes (see the module docstring)."""
+    """Runs FineTuneJobs to the end with local processes, in one local world (see the module
+    docstring). `jobs` is one job object or several; `job` and `name` are the first's."""
 
-    def __init__(self, job: dict[str, Any], workdir: Path, *, out: TextIO = sys.stdout,
-                 settings: Settings = LOCAL_SETTINGS, bin_dir: Path | None = None) -> None:  # fmt: skip
-        self.job = job
+    def __init__(self, jobs: dict[str, Any] | Sequence[dict[str, Any]], workdir: Path, *,
+                 out: TextIO = sys.stdout, settings: Settings = LOCAL_SETTINGS,
+                 bin_dir: Path | None = None) -> None:  # fmt: skip
+        self.jobs: dict[str, dict[str, Any]] = {}
+        for job in [jobs] if isinstance(jobs, dict) else jobs:
+            if job["metadata"]["name"] in self.jobs:
+                raise ValueError(f"two jobs are named {job['metadata']['name']}")
+            self.jobs[str(job["metadata"]["name"])] = job
+        if not self.jobs:
+            raise ValueError("no job to run")
         self.workdir = Path(workdir)
         self.out = out
         self.settings = settings
         self.wake = threading.Event()
         self.executor = LocalPodExecutor(self.workdir, bin_dir=bin_dir, on_exit=lambda _name: self.wake.set())
-        self.manifests: dict[str, dict[str, Any]] = {}
+        self.manifests: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in self.jobs}
         self.claims: set[str] = set()
         self.started = time.monotonic()
-        self._last_row: tuple[str, ...] | None = None
+        self._last_rows: dict[str, tuple[str, ...]] = {}
+
+    @property
+    def job(self) -> dict[str, Any]:
+        return next(iter(self.jobs.values()))
 
     @property
     def name(self) -> str:
-        return str(self.job["metadata"]["name"])
+        return next(iter(self.jobs))
 
-    def observe(self) -> Observed:
+    @property
+    def single(self) -> bool:
+        return len(self.jobs) == 1
+
+    def observe(self, name: str | None = None) -> Observed:
+        name = name or self.name
+        job = self.jobs[name]
         pods = []
-        for name, manifest in self.manifests.items():
-            status = self.executor.status(name)
+        for pod, manifest in self.manifests[name].items():
+            status = self.executor.status(pod)
             if status is None:  # deleted
                 continue
-            tail = self.executor.logs(name, LOG_TAIL_LINES) if status.get("phase") == "Running" else None
+            tail = self.executor.logs(pod, LOG_TAIL_LINES) if status.get("phase") == "Running" else None
             pods.append(observe_pod({"metadata": manifest["metadata"], "status": status}, tail))
         try:
-            spec = parse_spec(self.job.get("spec"))
-            claim = claim_name(self.name, spec)
-            if spec.storage.claim_name:  # a named claim is just a directory here
-                self.executor.pvc_dir(claim)
-            exists = claim in self.claims or (self.workdir / "pvcs" / claim).is_dir()
+            spec = parse_spec(job.get("spec"))
         except SpecError:
-            exists = False
-        return Observed(pods=tuple(pods), claim_exists=exists)
+            return Observed(pods=tuple(pods), claim_exists=False)
+        claim = claim_name(name, spec)
+        if spec.storage.claim_name:  # a named claim is just a directory here
+            self.executor.pvc_dir(claim)
+        exists = claim in self.claims or (self.workdir / "pvcs" / claim).is_dir()
+        src = spec.model.from_job  # what the operator reads from the API: the other job as it is now
+        source = copy.deepcopy(self.jobs[src]) if src and src != name and src in self.jobs else None
+        return Observed(pods=tuple(pods), claim_exists=exists, source_job=source)
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan, name: str | None = None) -> None:
+        name = name or self.name
+        job = self.jobs[name]
         for obj in plan.create:
             if obj["kind"] == "PersistentVolumeClaim":
                 self.executor.pvc_dir(obj["metadata"]["name"])
                 self.claims.add(obj["metadata"]["name"])
             elif obj["kind"] == "Pod":
-                self.manifests[obj["metadata"]["name"]] = copy.deepcopy(obj)
+                self.manifests[name][obj["metadata"]["name"]] = copy.deepcopy(obj)
                 self.executor.start(obj)
         for d in plan.delete:
             self.executor.delete(d.name, d.grace_seconds if d.grace_seconds is not None else 30)
         for key, value in (plan.status or {}).items():
             if value is None:
-                self.job["status"].pop(key, None)
+                job["status"].pop(key, None)
             else:
-                self.job["status"][key] = value
+                job["status"][key] = value
+        who = "" if self.single else f"{name}: "
         for ev in plan.events:  # what `kubectl describe` would show: why a row changed
-            if ev["type"] == "Warning" or ev["reason"] in ("Resumed", "AttemptPreempted", "AttemptEvicted"):
-                self.out.write(f"  {ev['type']} {ev['reason']}: {ev['message']}\n")
+            if ev["type"] == "Warning" or ev["reason"] in SHOWN_EVENTS:
+                self.out.write(f"  {who}{ev['type']} {ev['reason']}: {ev['message']}\n")
         if plan.status:
-            (self.workdir / "status.json").write_text(json.dumps(self.job["status"], indent=2))
-        self.print_row()
+            self.status_file(name).parent.mkdir(parents=True, exist_ok=True)
+            self.status_file(name).write_text(json.dumps(job["status"], indent=2))
+        self.print_row(name)
 
-    def print_row(self) -> None:
-        st = self.job["status"]
+    def status_file(self, name: str) -> Path:
+        return self.workdir / "status.json" if self.single else self.workdir / "status" / f"{name}.json"
+
+    def print_row(self, name: str | None = None) -> None:
+        name = name or self.name
+        st = self.jobs[name]["status"]
         pct = (st.get("progress") or {}).get("percent")
-        row = (self.name, str(st.get("phase") or ""), f"{pct:.0f}%" if isinstance(pct, (int, float)) else "",
+        row = (name, str(st.get("phase") or ""), f"{pct:.0f}%" if isinstance(pct, (int, float)) else "",
                str((st.get("checkpoint") or {}).get("name") or ""), str(st.get("restarts", 0)))  # fmt: skip
-        if row != self._last_row:
-            if self._last_row is None:
+        if row != self._last_rows.get(name):
+            if not self._last_rows:
                 self.out.write(_format(COLUMNS))
             self.out.write(_format((*row, age(time.monotonic() - self.started))))
             self.out.flush()
-            self._last_row = row
+            self._last_rows[name] = row
+
+    def _running(self) -> bool:
+        return any(
+            (self.executor.status(pod) or {}).get("phase") == "Running"
+            for pods in self.manifests.values()
+            for pod in pods
+        )
 
     def run(self, timeout: float | None = None) -> int:
-        """Reconcile until the job finishes; the exit code of `finetune-operator local`."""
+        """Reconcile until every job finishes; the exit code of `finetune-operator local`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                now = dt.datetime.now(dt.timezone.utc)
-                plan = reconcile(self.job, self.observe(), now, self.settings)
-                self.apply(plan)
-                phase = self.job["status"].get("phase")
-                if phase in (PHASE_SUCCEEDED, PHASE_FAILED) and not any(
-                    self.executor.status(n) and self.executor.status(n).get("phase") == "Running"  # type: ignore[union-attr]
-                    for n in self.manifests
-                ):
-                    return self.report(str(phase))
+                wait = self.settings.progress_interval
+                for name, job in self.jobs.items():
+                    now = dt.datetime.now(dt.timezone.utc)
+                    plan = reconcile(job, self.observe(name), now, self.settings)
+                    self.apply(plan, name)
+                    wait = min(wait, plan.requeue_after or wait)
+                phases = [job["status"].get("phase") for job in self.jobs.values()]
+                if all(ph in (PHASE_SUCCEEDED, PHASE_FAILED) for ph in phases) and not self._running():
+                    return self.report()
                 if deadline is not None and time.monotonic() > deadline:
                     self.out.write(f"timed out after {timeout:.0f}s; stopping the worker\n")
                     self.stop()
                     return 1
-                self.wake.wait(
-                    min(
-                        plan.requeue_after or self.settings.progress_interval, self.settings.progress_interval
-                    )
-                )
+                self.wake.wait(wait)
                 self.wake.clear()
         except KeyboardInterrupt:
             self.out.write("interrupted: stopping the worker (it checkpoints first); rerun to resume\n")
@@ -179,26 +268,32 @@ class LocalRunner:
             self.executor.close()
 
     def stop(self) -> None:
-        for name in list(self.manifests):
-            self.executor.delete(name, self.settings.grace_seconds)
+        for pods in self.manifests.values():
+            for pod in list(pods):
+                self.executor.delete(pod, self.settings.grace_seconds)
 
-    def report(self, phase: str) -> int:
-        st = self.job["status"]
-        if phase == PHASE_FAILED:
-            self.out.write(f"{self.name} failed ({st.get('reason')}): {st.get('message')}\n")
+    def report(self) -> int:
+        """Say how each job ended; 0 when all Succeeded."""
+        codes = [self._report(name) for name in self.jobs]
+        self.out.flush()
+        return max(codes)
+
+    def _report(self, name: str) -> int:
+        st = self.jobs[name]["status"]
+        if st.get("phase") == PHASE_FAILED:
+            self.out.write(f"{name} failed ({st.get('reason')}): {st.get('message')}\n")
             last = [a for a in st.get("attempts") or [] if a.get("pod")][-1:]
             if last:
                 self.out.write(f"worker log: {self.executor.pod_dir(last[0]['pod']) / 'log'}\n")
             return 1
         path = (st.get("export") or {}).get("path")
-        claim = claim_name(self.name, parse_spec(self.job["spec"]))
+        claim = claim_name(name, parse_spec(self.jobs[name]["spec"]))
         local = Path(path) if path and Path(path).is_absolute() and Path(path).exists() else (
             self.workdir / "pvcs" / claim / EXPORT_DIR)  # fmt: skip
-        self.out.write(f"{self.name} succeeded; exported model: {local}\n")
+        self.out.write(f"{name} succeeded; exported model: {local}\n")
         for fmt in (st.get("export") or {}).get("formats") or []:
             if (local / fmt).is_dir():
                 self.out.write(f"  {fmt}: {local / fmt}\n")
-        self.out.flush()
         return 0
 
 
@@ -241,25 +336,32 @@ def _format(cols: tuple[str, ...]) -> str:
     return "".join(c.ljust(w) for c, w in zip(cols, widths, strict=False)).rstrip() + "\n"
 
 
-def main(
-    file: str, workdir: str | None = None, timeout: float | None = None, out: TextIO = sys.stdout
-) -> int:
-    """`finetune-operator local FILE [--workdir DIR]`."""
+def main(files: str | Sequence[str], workdir: str | None = None, timeout: float | None = None,
+         out: TextIO = sys.stdout) -> int:  # fmt: skip
+    """`finetune-operator local FILE [FILE ...] [--workdir DIR]`."""
+    paths = [Path(files)] if isinstance(files, str) else [Path(f) for f in files]
     try:
-        job = load_job(Path(file))
+        loaded = [(path, job) for path in paths for job in load_jobs(path)]
     except SpecError as e:
         out.write(f"finetune-operator local: {e}\n")
         return 2
-    root = Path(workdir) if workdir else Path.cwd() / ".finetune" / job["metadata"]["name"]
+    problem = world_problem([job for _, job in loaded])
+    if problem:
+        out.write(f"finetune-operator local: {problem}\n")
+        return 2
+    root = Path(workdir) if workdir else Path.cwd() / ".finetune" / loaded[0][1]["metadata"]["name"]
     root.mkdir(parents=True, exist_ok=True)
-    runner = LocalRunner(job, root, out=out)
-    try:
-        workspace = runner.executor.pvc_dir(claim_name(runner.name, parse_spec(job["spec"])))
-        out.write(f"workspace: {workspace}\n")
-        for rel in stage_inputs(job, [Path(file).resolve().parent, Path.cwd()], workspace):
-            out.write(f"copied {rel} into the workspace\n")
-    except SpecError:
-        pass  # reconcile reports it as the job's Failed condition
+    runner = LocalRunner([job for _, job in loaded], root, out=out)
+    for path, job in loaded:
+        name = job["metadata"]["name"]
+        try:
+            workspace = runner.executor.pvc_dir(claim_name(name, parse_spec(job["spec"])))
+        except SpecError:
+            continue  # reconcile reports it as the job's Failed condition
+        whose = "the" if runner.single else f"{name}'s"
+        out.write(f"workspace: {workspace}\n" if runner.single else f"workspace of {name}: {workspace}\n")
+        for rel in stage_inputs(job, [path.resolve().parent, Path.cwd()], workspace):
+            out.write(f"copied {rel} into {whose} workspace\n")
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops gracefully, like Ctrl-C

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,29 @@ def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
         if path.startswith(mount + "/") or mount == "/":
             return prefix + sep + local + "/" + path[len(mount) :].lstrip("/")
     return value
+
+
+def synthesized_parents(
+    mount_paths: list[str], host_has: Callable[[str], bool] = os.path.exists
+) -> list[str]:
+    """Container directories above mount points that are neither a mount nor on this host, e.g.
+    `/finetune/jobs` and `/finetune/jobs/prev` above a mount at `/finetune/jobs/prev/export`.
+
+    In a container they exist (the runtime creates mount points); here the executor builds them
+    per pod, with the mounts as symlinks, so a path such as FINETUNE_JOBS_ROOT=/finetune/jobs maps
+    to a directory in which `prev/export` leads to the claim's local directory. The host's own
+    directories (`/`, `/tmp`, ...) stand for the image's and are left alone.
+    """
+    mounts = {m.rstrip("/") or "/" for m in mount_paths}
+    out: set[str] = set()
+    for m in mounts:
+        parent = posixpath.dirname(m)
+        while parent not in ("/", ""):
+            inside = any(parent == o or parent.startswith(o.rstrip("/") + "/") for o in mounts)
+            if not inside and not host_has(parent):
+                out.add(parent)
+            parent = posixpath.dirname(parent)
+    return sorted(out)
 
 
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")

@@ -124,3 +124,100 @@ def test_ctrl_c_stops_gracefully_and_a_rerun_resumes(tmp_path: Path, fake_bin: P
     again, _ = runner(tmp_path, fake_bin)
     assert again.run(timeout=60) == 0
     assert again.job["status"]["attempts"][0]["resumedFrom"] == summary["checkpoint"]
+
+
+# -- several jobs in one local world: spec.model.fromJob ------------------------------------------
+
+PREV = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "prev"},
+        "spec": {**JOB["spec"], "training": {"maxSteps": 8, "checkpoint": {"everySteps": 4}}}}  # fmt: skip
+NEXT = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "next"},
+        "spec": {**JOB["spec"], "model": {"fromJob": "prev"}, "lora": {"r": 4}}}  # fmt: skip
+
+
+def test_a_from_job_continuation_waits_for_its_source_and_reads_its_export(tmp_path: Path, fake_bin: Path) -> None:
+    shown = tmp_path / "bin2"  # the fake worker, after listing what FINETUNE_JOBS_ROOT shows of prev
+    shown.mkdir()
+    (shown / "finetune-worker").write_text(
+        '#!/bin/sh\n[ -n "$FINETUNE_JOBS_ROOT" ] && echo "root=$FINETUNE_JOBS_ROOT" && ls "$FINETUNE_JOBS_ROOT/prev/export"\n'
+        f'exec "{fake_bin / "finetune-worker"}" "$@"\n'
+    )
+    (shown / "finetune-worker").chmod(0o755)
+    f = tmp_path / "both.yaml"  # the continuation first: order does not matter
+    f.write_text(yaml.safe_dump_all([NEXT, PREV]))
+    from finetune_operator.local import load_jobs
+
+    out = io.StringIO()
+    r = LocalRunner(load_jobs(f), tmp_path / "work", out=out, settings=FAST, bin_dir=shown)
+    assert r.run(timeout=60) == 0, out.getvalue()
+    text = out.getvalue()
+    assert "  next: Normal WaitingForSourceJob: waiting for FineTuneJob prev (spec.model.fromJob)" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith(("prev ", "next ")) and "succeeded;" not in ln]
+    last = {row[0]: row[1] for row in rows}
+    assert last == {"prev": "Succeeded", "next": "Succeeded"}
+    first_next_training = next(i for i, row in enumerate(rows) if row[0] == "next" and row[1] == "Training")
+    assert [row[1] for row in rows[:first_next_training] if row[0] == "prev"][-1] == "Succeeded"
+    log = r.executor.logs("next-train-1")
+    root = log.split("root=", 1)[1].splitlines()[0]
+    assert root.startswith(str(tmp_path / "work" / "pods" / "next-train-1"))  # a built dir, not /finetune/jobs
+    assert "metadata.json" in log and "sentence-transformers" in log
+    assert (Path(root) / "prev" / "export").resolve() == tmp_path / "work" / "pvcs" / "prev-workspace" / "export"
+    assert "metadata.json" in r.executor.logs("next-export-1")  # a LoRA export merges onto the source
+    for name in ("prev", "next"):
+        assert json.loads((tmp_path / "work" / "status" / f"{name}.json").read_text())["phase"] == "Succeeded"
+    assert f"next succeeded; exported model: {tmp_path / 'work' / 'pvcs' / 'next-workspace' / 'export'}" in text
+
+
+def test_a_failed_source_fails_its_continuation(tmp_path: Path, fake_bin: Path) -> None:
+    (tmp_path / "work" / "pvcs" / "prev-workspace").mkdir(parents=True)
+    (tmp_path / "work" / "pvcs" / "prev-workspace" / "fake-worker.json").write_text('{"train": "invalid"}')
+    jobs = [load_job_from(tmp_path, PREV), load_job_from(tmp_path, NEXT)]
+    out = io.StringIO()
+    assert LocalRunner(jobs, tmp_path / "work", out=out, settings=FAST, bin_dir=fake_bin).run(timeout=60) == 1
+    text = out.getvalue()
+    assert "prev failed (InvalidConfigOrData)" in text and "next failed (SourceJobFailed): source job prev" in text
+
+
+def load_job_from(tmp_path: Path, doc: dict) -> dict:
+    f = tmp_path / f"{doc['metadata']['name']}.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    return load_job(f)
+
+
+@pytest.mark.parametrize(("docs", "said"), [
+    ([NEXT], "next: spec.model.fromJob names FineTuneJob prev, which is not among the files given"),
+    ([{**NEXT, "spec": {**NEXT["spec"], "model": {"fromJob": "other"}}},
+      {**NEXT, "metadata": {"name": "other"}, "spec": {**NEXT["spec"], "model": {"fromJob": "next"}}}],
+     "spec.model.fromJob cycle: next -> other -> next"),
+    ([PREV, PREV], "two jobs are named prev"),
+    ([PREV, {**NEXT, "metadata": {}}], "document 2: each of several jobs in one file needs metadata.name"),
+])  # fmt: skip
+def test_jobs_that_cannot_run_together_are_refused_before_anything_starts(
+    tmp_path: Path, docs: list[dict], said: str
+) -> None:
+    f = tmp_path / "jobs.yaml"
+    f.write_text(yaml.safe_dump_all(docs))
+    out = io.StringIO()
+    assert main([str(f)], str(tmp_path / "w"), timeout=5, out=out) == 2
+    assert said in out.getvalue() and not (tmp_path / "w" / "pods").exists()
+
+
+def test_a_mount_below_a_directory_the_host_lacks_is_reachable_from_that_directory(tmp_path: Path) -> None:
+    from finetune_operator.executor import LocalPodExecutor
+    from finetune_operator.podlocal import synthesized_parents
+
+    assert synthesized_parents(["/workspace", "/finetune/jobs/prev/export"], lambda p: False) == [
+        "/finetune", "/finetune/jobs", "/finetune/jobs/prev"]  # fmt: skip
+    assert synthesized_parents(["/workspace", "/workspace/a/b"], lambda p: False) == []  # inside a mount
+    assert synthesized_parents(["/tmp/x/y"], lambda p: p == "/tmp") == ["/tmp/x"]  # the host's dirs stay
+    with LocalPodExecutor(tmp_path) as ex:
+        (ex.pvc_dir("prev-workspace") / "export").mkdir()
+        (ex.pvc_dir("prev-workspace") / "export" / "model.txt").write_text("weights")
+        ex.start({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "c", "command": ["sh", "-c", "cat $(ROOT)/prev/export/model.txt"],
+                            "env": [{"name": "ROOT", "value": "/finetune/jobs"}],
+                            "volumeMounts": [{"name": "src", "mountPath": "/finetune/jobs/prev/export",
+                                              "subPath": "export", "readOnly": True}]}],
+            "volumes": [{"name": "src", "persistentVolumeClaim": {"claimName": "prev-workspace", "readOnly": True}}],
+        }})  # fmt: skip
+        assert ex.wait("p", 10)
+        assert ex.status("p")["phase"] == "Succeeded" and ex.logs("p") == "weights"

@@ -43,3 +43,47 @@ def test_local_runs_a_lora_job_to_a_loadable_export(tiny_model: Path, tmp_path: 
 
     model = SentenceTransformer(str(export / "sentence-transformers"), device="cpu")
     assert model.encode(["hello"]).shape[0] == 1
+
+
+def test_local_continues_a_job_from_another_jobs_export(tiny_model: Path, tmp_path: Path) -> None:
+    """`local prev.yaml next.yaml`: next (fromJob: prev) waits for prev, then trains a LoRA adapter
+    on prev's export (not on prev's base) and merges onto it: every weight the adapter leaves alone
+    is prev's trained weight, which differs from the tiny base model's."""
+    import json
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    common = {"dataset": {"inline": pairs(16, seed=3), "columns": {"anchor": "question", "positive": "answer"}},
+              "export": {"formats": ["sentence-transformers"], "verify": {"tolerance": 1e-4}},
+              "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi"}}  # fmt: skip
+    prev = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "prev"},
+            "spec": {**common, "model": {"base": str(tiny_model)},
+                     "training": {"maxSteps": 2, "batchSize": 8, "learningRate": 5e-3, "warmupRatio": 0.0}}}
+    nxt = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "next"},
+           "spec": {**common, "model": {"fromJob": "prev"}, "lora": {"r": 4, "alpha": 8},
+                    "training": {"maxSteps": 2, "batchSize": 8, "learningRate": 2e-3, "warmupRatio": 0.0}}}  # fmt: skip
+    files = []
+    for doc in (prev, nxt):
+        files.append(tmp_path / f"{doc['metadata']['name']}.yaml")
+        files[-1].write_text(yaml.safe_dump(doc))
+    exe = Path(sys.executable).with_name("finetune-operator")
+    proc = subprocess.run([str(exe), "local", *map(str, files), "--workdir", str(tmp_path / "w"), "--timeout", "400"],
+                          capture_output=True, text=True, timeout=450)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "next: Normal WaitingForSourceJob: waiting for FineTuneJob prev" in proc.stdout
+    pvcs = tmp_path / "w" / "pvcs"
+    source_dir = pvcs / "prev-workspace" / "export" / "sentence-transformers"
+    meta = json.loads((pvcs / "next-workspace" / "export" / "metadata.json").read_text())
+    assert meta["baseModelSpec"] == "fromJob:prev" and Path(meta["baseModel"]).resolve() == source_dir.resolve()
+
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return SentenceTransformer(str(path), device="cpu")[0].auto_model.state_dict()
+
+    base, source = weights(tiny_model), weights(source_dir)
+    continued = weights(pvcs / "next-workspace" / "export" / "sentence-transformers")
+    assert continued.keys() == source.keys()
+    kept = [k for k in source if torch.equal(continued[k], source[k])]
+    moved_by_prev = [k for k in kept if not torch.equal(source[k], base[k])]
+    assert "embeddings.word_embeddings.weight" in moved_by_prev  # prev's training, carried over verbatim
+    assert len(kept) < len(source)  # and next's adapter changed the rest
