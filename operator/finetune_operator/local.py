@@ -37,7 +37,7 @@ from .contract import API_VERSION, EXPORT_DIR, KIND
 from .executor import LocalPodExecutor
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
 from .reconcile import Plan, Settings, reconcile
-from .spec import SpecError, parse_spec
+from .spec import SpecError, parse_spec, yaml_load, yaml_load_all
 from .status import PHASE_FAILED, PHASE_SUCCEEDED
 
 LOCAL_SETTINGS = Settings(worker_image="local", grace_seconds=60, backoff_base=2.0, backoff_max=30.0,
@@ -53,7 +53,7 @@ def load_job(path: Path) -> dict[str, Any]:
         SpecError: not a FineTuneJob.
     """
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise SpecError(str(path), f"cannot read: {e}") from None
     return _job_from(doc, str(path), path.stem.replace("_", "-").lower())
@@ -67,7 +67,7 @@ def load_jobs(path: Path) -> list[dict[str, Any]]:
         SpecError: a document is not a FineTuneJob.
     """
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        docs = [d for d in yaml_load_all(path.read_text(encoding="utf-8")) if d is not None]
     except (OSError, yaml.YAMLError) as e:
         raise SpecError(str(path), f"cannot read: {e}") from None
     if len(docs) <= 1:

@@ -633,6 +633,28 @@ def _cross_checks(s: FineTuneSpec, path: str) -> None:
         raise SpecError(f"{path}.training.precision", "fp16 training needs a GPU (resources.gpus >= 1); use fp32 or bf16 on CPU")
 
 
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads numbers as kubectl does (YAML 1.2): PyYAML's YAML 1.1 rules read
+    `2e-5` and `5e-05` (no dot) as strings, so `learningRate: 2e-5` would be refused locally while
+    the API server stores it as a number."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)  # fmt: skip
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # a SafeLoader subclass
+
+
+def yaml_load_all(text: str) -> list[Any]:
+    return list(yaml.load_all(text, Loader=YamlLoader))
+
+
 def load_config(text: str) -> tuple[dict[str, Any], FineTuneSpec]:
     """Parse a config file's text: a whole FineTuneJob or just its spec, YAML or JSON.
 
@@ -642,7 +664,7 @@ def load_config(text: str) -> tuple[dict[str, Any], FineTuneSpec]:
         doc = json.loads(text)
     except ValueError:
         try:
-            doc = yaml.safe_load(text)
+            doc = yaml_load(text)
         except yaml.YAMLError as e:
             raise SpecError("config", f"neither YAML nor JSON: {e}") from None
     if not isinstance(doc, dict):

@@ -66,3 +66,14 @@ def test_load_config_accepts_whole_object_or_spec_yaml_or_json() -> None:
     assert meta2 == {} and s2.dataset.inline == s.dataset.inline
     with pytest.raises(SpecError, match="kind"):
         load_config("kind: Pod\nspec: {}\n")
+
+
+def test_yaml_numbers_read_as_kubectl_reads_them() -> None:
+    """PyYAML's YAML 1.1 reads `2e-5` as a string; kubectl (YAML 1.2) as a number. A job file given
+    to `finetune-operator local` or `--config` must mean what it means to the API server."""
+    from finetune_operator.spec import load_config, yaml_load
+
+    assert yaml_load("a: 2e-5\nb: 5e-05\nc: 1.0e-4\nd: 3\ne: '2e-5'\nf: v1.2e3") == {
+        "a": 2e-5, "b": 5e-5, "c": 1e-4, "d": 3, "e": "2e-5", "f": "v1.2e3"}  # fmt: skip
+    _, spec = load_config("dataset: {inline: [{anchor: q, positive: a}]}\ntraining: {learningRate: 2e-5}\n")
+    assert spec.training.learning_rate == 2e-5
