@@ -199,6 +199,20 @@ def test_verification_catches_a_broken_merge(
     _no_staging(ws)
 
 
+@pytest.mark.parametrize("formats", [["sentence-transformers"], ["adapter"]], ids=["merged", "adapter-only"])
+def test_an_adapter_with_no_effect_is_a_permanent_error(
+    formats: list[str], tiny_model: Path, tmp_path: Path, termlog: Path
+) -> None:
+    ws = lora_workspace(tmp_path / "ws", tiny_model, scale=0.0)  # all-zero LoRA weights: changes nothing
+    s = spec(tiny_model, export={"formats": formats, "merge": formats != ["adapter"]})
+    assert _run(s, ws) == 2  # the same inputs fail the same way on every retry
+    summary = json.loads(termlog.read_text())
+    assert summary["result"] == "invalid"
+    assert "the adapter has no effect" in summary["message"] and "not retried" in summary["message"]
+    assert not (ws / "export").exists()
+    _no_staging(ws)
+
+
 def test_dora_falls_back_to_peft_merge_and_says_so(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,8 +7,9 @@ must exist in the base, else exit 2 with nothing written) -> stream-merge into a
 -> lay out the formats -> verify -> optional evaluation gate -> card + metadata -> atomic
 publish to `<workspace>/export/`. A rerun on a current, complete export exits 0 at once.
 
-Exit codes: 0 exported (or already current); 2 invalid input, a missing adapter target, or a
-failed evaluation gate (permanent); 1 anything else (retried by the operator).
+Exit codes: 0 exported (or already current); 2 a permanent problem with the inputs (invalid input,
+a missing adapter target, an adapter that has no effect or does not fit the base, a failed
+evaluation gate); 1 anything else (retried by the operator).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _stage(stage: str, **fields: Any) -> None:
 def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | None = None) -> int:
     """Export the training result in `workspace` as spec.export says. Returns the exit code."""
     from .evaluate import GateFailed
-    from .verify import VerificationFailed
+    from .verify import InvalidAdapter, VerificationFailed
 
     if not logging.getLogger().handlers:
         logging.basicConfig(
@@ -84,6 +85,10 @@ def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | N
         return _fail(EXIT_INVALID, RESULT_INVALID, f"export: {e}")
     except GateFailed as e:
         return _fail(EXIT_INVALID, RESULT_INVALID, str(e), metrics=_headline(e.metrics))
+    except InvalidAdapter as e:
+        return _fail(
+            EXIT_INVALID, RESULT_INVALID, f"export verification failed (permanent, not retried): {e}"
+        )
     except VerificationFailed as e:
         return _fail(EXIT_FAILED, RESULT_FAILED, f"export verification failed: {e}")
     except Exception as e:

@@ -3,7 +3,9 @@
 LoRA: the merged model's embeddings on probe texts must match the unmerged model (base weights
 + the adapter applied by peft, through the same pooling/normalize pipeline) within the tolerance
 (fp32: max |Δ| ≤ tolerance; bf16/fp16 weights: cosine ≥ 0.999), and must differ from the base
-model's (an adapter with no effect, or a merge that silently wrote the base weights, fails).
+model's. An adapter that has no effect on the base (or does not load into it) is a permanent
+problem with the inputs (InvalidAdapter, exit 2); a merge that silently wrote the base weights
+although the adapter does change them is a failure of the export (VerificationFailed, exit 1).
 Full fine-tune: the re-formatted model must embed exactly like the trained one.
 Every format is reloaded the way users load it: `SentenceTransformer(dir)`,
 `transformers.AutoModel.from_pretrained(dir)`, and peft for the adapter.
@@ -37,6 +39,11 @@ LOW_PRECISION_MIN_COSINE = 0.999
 
 class VerificationFailed(RuntimeError):
     """The export does not behave like the model it was made from."""
+
+
+class InvalidAdapter(VerificationFailed):
+    """The adapter itself is unusable: it changes nothing, or its weights do not fit the base.
+    Permanent (exit 2): every retry would find the same."""
 
 
 def load_st(path: Path, spec: FineTuneSpec) -> Any:
@@ -77,8 +84,8 @@ def attach_adapter(hf_model: Any, adapter_dir: Path) -> Any:
     pm = get_peft_model(hf_model, config)
     result = set_peft_model_state_dict(pm, load_file(adapter_dir / "adapter_model.safetensors"))
     if getattr(result, "unexpected_keys", None):
-        raise VerificationFailed(
-            f"adapter weights did not load into the base model: {result.unexpected_keys[:5]}"
+        raise InvalidAdapter(
+            f"adapter weights do not fit the base model (keys with no place in it: {result.unexpected_keys[:5]})"
         )
     return pm.eval()
 
@@ -113,6 +120,18 @@ def _hidden(model: Any, tokenizer: Any) -> Any:
         return model(**enc).last_hidden_state.float()
 
 
+def _no_effect_check(e_adapted: Any, e_base: Any, tolerance: float) -> float:
+    """max |Δ| the adapter makes to the base's embeddings; raises InvalidAdapter when it is within tolerance."""
+    dev, _ = _compare(e_adapted, e_base)
+    if dev <= tolerance:
+        raise InvalidAdapter(
+            f"the adapter has no effect: the base model with the adapter applied embeds like the base alone "
+            f"(max |Δ| {dev:.3g} ≤ tolerance {tolerance:g}); its LoRA weights are zero or too small to matter "
+            "(was it trained? is it the adapter of this base model?)"
+        )
+    return dev
+
+
 def verify_export(
     st_dir: Path,
     spec: FineTuneSpec,
@@ -143,12 +162,13 @@ def verify_export(
         e_base = _encode(st)
         attach_adapter(st[0].model, adapter_dir)
         e_ref = _encode(st)
+        _no_effect_check(e_ref, e_base, tol)
         base_dev, _ = _compare(e_merged, e_base)
         report["baseDeviation"] = base_dev
         if base_dev <= tol:
             raise VerificationFailed(
-                f"the merged model embeds exactly like the base model (max |Δ| {base_dev:.3g} ≤ {tol:g}): "
-                "the adapter had no effect or the merge wrote the base weights"
+                f"the merged model embeds exactly like the base model (max |Δ| {base_dev:.3g} ≤ {tol:g}) "
+                "although the adapter changes it: the merge wrote the base weights"
             )
     else:
         e_ref = _encode(st)
@@ -182,9 +202,5 @@ def verify_adapter_only(base_model: Path, adapter_dir: Path, spec: FineTuneSpec)
     st = load_st(base_model, spec)
     e_base = _encode(st)
     attach_adapter(st[0].model, adapter_dir)
-    base_dev, _ = _compare(_encode(st), e_base)
-    if base_dev <= spec.export.tolerance:
-        raise VerificationFailed(
-            f"the adapter does not change the base model's embeddings (max |Δ| {base_dev:.3g})"
-        )
+    base_dev = _no_effect_check(_encode(st), e_base, spec.export.tolerance)
     return {"probes": len(PROBES), "baseDeviation": base_dev, "maxDeviation": None, "reloaded": ["peft"]}
