@@ -1,15 +1,15 @@
-"""Trainer callbacks: JSON progress lines, checkpoint-on-SIGTERM, and test-only fault injection."""
+"""Trainer callbacks: JSON progress lines, checkpoint-on-SIGTERM (see preemption.py), test-only fault injection."""
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from typing import Any
 
 from transformers import TrainerCallback
 
+from .preemption import PreemptionWatch
 from .summary import emit
 
 FAULT_ENV = "FINETUNE_FAULT"  # test hook: "kill-at-step:N", "sigterm-at-step:N", "kill-in-save:N"
@@ -25,36 +25,6 @@ def fault(kind: str, step: int) -> bool:
     return False
 
 
-class PreemptionWatch:
-    """Records SIGTERM (and SIGINT) instead of dying, so training can stop at a step boundary."""
-
-    def __init__(self) -> None:
-        self.requested_at: float | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> PreemptionWatch:
-        """Take over SIGTERM/SIGINT; a no-op off the main thread (in-process callers keep their own handling)."""
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested_at is None:
-            self.requested_at = time.monotonic()
-            emit("preemption", signal=signal.Signals(signum).name)
-
-    @property
-    def requested(self) -> bool:
-        return self.requested_at is not None
-
-
 class StopOnPreemption(TrainerCallback):
     """At the first step boundary after SIGTERM: save a checkpoint (if enabled) and stop."""
 
@@ -68,6 +38,7 @@ class StopOnPreemption(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
         if self.watch.requested and self.stopped_at_step is None:
             self.stopped_at_step = state.global_step
+            emit("preemption", signal=self.watch.signal_name, step=state.global_step, saving=self.checkpoint)
             control.should_save = self.checkpoint
             control.should_training_stop = True
         return control

@@ -3,6 +3,10 @@
 The config is a FineTuneJob (YAML or JSON), whole or just its spec; `--config -` or the
 FINETUNE_CONFIG environment variable may carry it instead of a file. Config errors exit 2
 before any heavy import, so a bad spec fails in a second, not after torch loads.
+
+SIGTERM is taken over first thing, before the config is read and before torch loads: a
+SIGTERM during start-up or model load is recorded and honoured at the first safe point
+(exit 75), never the default death with 143.
 """
 
 from __future__ import annotations
@@ -11,14 +15,19 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune_operator.contract import CONFIG_ENV, DEFAULT_WORKSPACE, EXIT_INVALID
-from finetune_operator.spec import FineTuneSpec, SpecError, load_config
 
-from .summary import write_summary
+from .preemption import PreemptionWatch
+
+if TYPE_CHECKING:
+    from finetune_operator.spec import FineTuneSpec
 
 
 def _read_config(arg: str | None) -> str:
+    from finetune_operator.spec import SpecError
+
     if arg in (None, "") and os.environ.get(CONFIG_ENV):
         return os.environ[CONFIG_ENV]
     if arg in (None, ""):
@@ -42,25 +51,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    workspace = Path(args.workspace)
+    watch = PreemptionWatch().install()  # first: everything below may be slow (a SIGTERM now still counts)
     try:
-        metadata, spec = load_config(_read_config(args.config))
-    except SpecError as e:
-        print(f"finetune-worker: invalid config: {e}", file=sys.stderr, flush=True)
-        write_summary({"result": "invalid", "message": str(e)})
-        return EXIT_INVALID
-    return _run(args.command, spec, metadata, workspace)
+        from finetune_operator.spec import SpecError, load_config
+
+        from .summary import write_summary
+
+        args = _parser().parse_args(argv)
+        workspace = Path(args.workspace)
+        try:
+            metadata, spec = load_config(_read_config(args.config))
+        except SpecError as e:
+            print(f"finetune-worker: invalid config: {e}", file=sys.stderr, flush=True)
+            write_summary({"result": "invalid", "message": str(e)})
+            return EXIT_INVALID
+        return _run(args.command, spec, metadata, workspace, watch)
+    finally:
+        watch.uninstall()
 
 
-def _run(command: str, spec: FineTuneSpec, metadata: dict[str, object], workspace: Path) -> int:
+def _run(command: str, spec: FineTuneSpec, metadata: dict[str, object], workspace: Path,
+         watch: PreemptionWatch) -> int:
     if command == "train":
         from .train import run_train
 
-        return run_train(spec, workspace, metadata=metadata)
+        return run_train(spec, workspace, metadata=metadata, watch=watch)
     from .export import run_export
 
-    return run_export(spec, workspace, metadata=metadata)
+    return run_export(spec, workspace, metadata=metadata, watch=watch)
 
 
 if __name__ == "__main__":

@@ -11,4 +11,5 @@ class InvalidInput(ValueError):
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM after a graceful checkpoint (exit 75)."""
+    """The worker stopped on SIGTERM at a safe point (exit 75): training after a graceful checkpoint
+    (or before its first step), export with its staging removed and any published export untouched."""

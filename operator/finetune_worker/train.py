@@ -1,8 +1,9 @@
 """`finetune-worker train`: validate, load, train (or resume) with checkpoints, publish `final/`.
 
-Exit codes (finetune_operator.contract): 0 only after `final/` is published; 75 after a graceful
-checkpoint on SIGTERM; 2 for invalid config or data (with a specific message); anything else is a
-failure the operator retries.
+Exit codes (finetune_operator.contract): 0 only after `final/` is published; 75 on SIGTERM, after a
+graceful checkpoint at the next step boundary, or at once when it came before the first step (the
+CLI records it from start-up on: nothing trained, nothing claimed, existing checkpoints untouched);
+2 for invalid config or data (with a specific message); anything else is a failure the operator retries.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from finetune_operator.contract import (
 from finetune_operator.spec import FineTuneSpec
 
 from .errors import InvalidInput
+from .preemption import PreemptionWatch, watching
 from .summary import emit, write_summary
 
 TRAINING_JSON = "training.json"
@@ -55,29 +57,36 @@ def _finish(result: str, code: int, *, step: int | None = None, checkpoint: str 
     return code
 
 
-def run_train(spec: FineTuneSpec, workspace: Path, *, metadata: dict[str, Any] | None = None) -> int:
+def run_train(spec: FineTuneSpec, workspace: Path, *, metadata: dict[str, Any] | None = None,
+              watch: PreemptionWatch | None = None) -> int:
     """Train (or resume) the job in `workspace`; returns the process exit code.
 
     Args:
         spec: the validated job spec.
         workspace: the job's workspace (checkpoints/, final/ live here).
         metadata: the FineTuneJob's metadata (unused by training; kept for logs).
+        watch: the SIGTERM watch the CLI installed at start-up; None installs one for this call.
     """
-    from .callbacks import PreemptionWatch
-
-    watch = PreemptionWatch().install()  # before the heavy imports: a SIGTERM while loading still counts
-    try:
-        return _run(spec, Path(workspace), watch)
-    except InvalidInput as e:
-        return _finish(RESULT_INVALID, EXIT_INVALID, message=str(e))
-    except Exception as e:
-        traceback.print_exc()
-        return _finish(RESULT_FAILED, EXIT_FAILED, message=f"{type(e).__name__}: {e}")
-    finally:
-        watch.uninstall()
+    with watching(watch) as w:
+        try:
+            return _run(spec, Path(workspace), w)
+        except InvalidInput as e:
+            return _finish(RESULT_INVALID, EXIT_INVALID, message=str(e))
+        except Exception as e:
+            traceback.print_exc()
+            return _finish(RESULT_FAILED, EXIT_FAILED, message=f"{type(e).__name__}: {e}")
 
 
-def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
+def _stopped_before_training(watch: PreemptionWatch, checkpoint: str | None, resumed_from: str | None) -> int:
+    """Exit 75 for a SIGTERM that came before the first step: nothing trained, nothing claimed."""
+    emit("preemption", signal=watch.signal_name, step=None, saving=False)
+    return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, checkpoint=checkpoint,
+                   message="stopped by SIGTERM before training began"
+                   + (f"; {checkpoint} is kept for the next attempt" if checkpoint else ""),
+                   resumed_from=resumed_from)
+
+
+def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     from .checkpoints import checkpoints_dir, clean_staging, list_checkpoints, resolve_resume_checkpoint
     from .data import load_training_data
     from .modelsrc import resolve_base_model
@@ -94,6 +103,8 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
                        message="already trained: final/ exists")
     for name in clean_staging(workspace):
         emit("cleaned", name=name)
+    if watch.requested:  # SIGTERM during start-up: don't load the model only to drop it
+        return _stopped_before_training(watch, None, None)
 
     from transformers import set_seed
 
@@ -114,10 +125,8 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: Any) -> int:
     resumed_from = resume.name if resume is not None else None
     emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
          evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device))
-    if watch.requested:
-        latest = list_checkpoints(workspace)
-        return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, checkpoint=latest[0].name if latest else None,
-                       message="stopped by SIGTERM before training began", resumed_from=resumed_from)
+    if watch.requested:  # during model load: `resume` is the newest valid checkpoint (newer invalid ones are gone)
+        return _stopped_before_training(watch, resumed_from, resumed_from)
 
     trainer = _trainer(spec, model, loss, data, workspace, watch)
     finished = _finished_state(resume)
@@ -189,7 +198,7 @@ def _linear_names(hf: Any) -> set[str]:
     return {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Path, watch: Any) -> Any:
+def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Path, watch: PreemptionWatch) -> Any:
     import torch
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from worker.trainkit import checkpoint_names, pair_spec, train, write_config
+from worker.trainkit import (
+    checkpoint_names,
+    pair_spec,
+    train,
+    train_and_sigterm_while_loading_torch,
+    write_config,
+)
 
 pytestmark = pytest.mark.worker
 
@@ -106,3 +112,35 @@ def test_empty_and_missing_workspace_start_fresh(tmp_path: Path) -> None:
     (tmp_path / "ws/checkpoints/checkpoint-x").mkdir(parents=True)  # not a step number: ignored
     (tmp_path / "ws/checkpoints/.staging-checkpoint-3-1").mkdir()
     assert resolve_resume_checkpoint(tmp_path / "ws") == (None, [])
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/<pid>/maps (Linux)")
+def test_sigterm_during_startup_exits_75_and_loses_no_checkpoint(interrupted: tuple[Path, Path], tmp_path: Path) -> None:
+    from finetune_worker.checkpoints import checkpoint_problem
+
+    cfg, src = interrupted
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    before = {p.name: sorted(f.name for f in p.iterdir()) for p in (ws / "checkpoints").iterdir()}
+    run = train_and_sigterm_while_loading_torch(tmp_path, cfg, ws)  # before the handler of old was installed
+    assert run.rc == 75, f"exit {run.rc}\n{run.stderr[-2000:]}"
+    assert run.summary is not None and run.summary["result"] == "preempted", run.summary
+    assert run.summary["step"] is None and "before training began" in run.summary["message"]
+    assert run.summary["checkpoint"] in (None, "checkpoint-10")  # nothing trained: nothing new to name
+    assert [e["signal"] for e in run.events("preemption")] == ["SIGTERM"]
+    assert not run.events("progress") and not (ws / "final").exists()  # never claims completion
+    after = {p.name: sorted(f.name for f in p.iterdir()) for p in (ws / "checkpoints").iterdir()}
+    assert after == before and all(checkpoint_problem(ws / "checkpoints" / n) is None for n in after)
+
+
+def test_the_cli_module_loads_no_ml_library() -> None:
+    """main() installs the SIGTERM watch first thing; importing the CLI must not pull in torch before it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune_worker.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers', 'peft', 'datasets') "
+            "if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+

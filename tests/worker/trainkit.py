@@ -105,6 +105,27 @@ def train_and_sigterm(tmp: Path, config: Path, workspace: Path, after_step: int 
     return Run(p.returncode, "".join(lines) + out, err, _summary(tmp))
 
 
+def train_and_sigterm_while_loading_torch(tmp: Path, config: Path, workspace: Path, timeout: float = 240) -> Run:
+    """Start training and send a real SIGTERM the moment torch's library is mapped into the process:
+    in the middle of the heavy imports, long before the model loads (Linux: polls /proc/<pid>/maps)."""
+    p = subprocess.Popen(_cmd(config, workspace), env=_env(tmp, None), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp)
+    maps = Path(f"/proc/{p.pid}/maps")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:
+            pass
+        assert p.poll() is None, f"exited ({p.returncode}) before torch loaded"
+        assert time.monotonic() < deadline, "torch never loaded"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=timeout)
+    return Run(p.returncode, out, err, _summary(tmp))
+
+
 def max_abs_diff(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 

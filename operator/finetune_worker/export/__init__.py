@@ -7,9 +7,13 @@ must exist in the base, else exit 2 with nothing written) -> stream-merge into a
 -> lay out the formats -> verify -> optional evaluation gate -> card + metadata -> atomic
 publish to `<workspace>/export/`. A rerun on a current, complete export exits 0 at once.
 
-Exit codes: 0 exported (or already current); 2 a permanent problem with the inputs (invalid input,
-a missing adapter target, an adapter that has no effect or does not fit the base, a failed
-evaluation gate); 1 anything else (retried by the operator).
+SIGTERM (recorded from start-up on, see preemption.py) stops the export at the next stage or
+shard boundary before the publish: its staging is removed, an export published earlier stays as
+it was, and the exit code is 75 (preempted: the operator retries without consuming backoff).
+
+Exit codes: 0 exported (or already current); 75 preempted; 2 a permanent problem with the inputs
+(invalid input, a missing adapter target, an adapter that has no effect or does not fit the base,
+a failed evaluation gate); 1 anything else (retried by the operator).
 """
 
 from __future__ import annotations
@@ -26,31 +30,61 @@ from typing import Any
 from finetune_operator.contract import (
     EXIT_COMPLETED,
     EXIT_INVALID,
+    EXIT_PREEMPTED,
     EXPORT_DIR,
     EXPORT_METADATA,
     RESULT_COMPLETED,
     RESULT_FAILED,
     RESULT_INVALID,
+    RESULT_PREEMPTED,
 )
 from finetune_operator.spec import FineTuneSpec
 
+from ..errors import Preempted
+from ..preemption import PreemptionWatch, watching
 from ..summary import emit, write_summary
 from ._errors import InvalidInput
 
 EXIT_FAILED = 1
-PAUSE_ENV = "FINETUNE_EXPORT_PAUSE_AFTER"  # test hook: sleep after this stage so a test can kill the pod
+PAUSE_ENV = "FINETUNE_EXPORT_PAUSE_AFTER"  # test hook: sleep after this stage so a test can signal the pod
 log = logging.getLogger("finetune_worker.export")
 
 
-def _stage(stage: str, **fields: Any) -> None:
-    emit("export", stage=stage, **fields)
+def _pause(watch: PreemptionWatch, stage: str) -> None:
     if os.environ.get(PAUSE_ENV) == stage:
         emit("export", stage="paused", after=stage)
-        time.sleep(3600)
+        watch.sleep(3600)
 
 
-def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | None = None) -> int:
-    """Export the training result in `workspace` as spec.export says. Returns the exit code."""
+def _stage(watch: PreemptionWatch, stage: str, **fields: Any) -> None:
+    """Announce a stage; it is also a safe point where a SIGTERM stops the export (raises Preempted)."""
+    emit("export", stage=stage, **fields)
+    _pause(watch, stage)
+    _stop_if_requested(watch, f"after the {stage!r} stage")
+
+
+def _stop_if_requested(watch: PreemptionWatch, where: str) -> None:
+    if watch.requested:
+        raise Preempted(f"stopped by {watch.signal_name or 'SIGTERM'} {where}, before publishing")
+
+
+def run_export(
+    spec: FineTuneSpec,
+    workspace: Path,
+    metadata: dict[str, Any] | None = None,
+    watch: PreemptionWatch | None = None,
+) -> int:
+    """Export the training result in `workspace` as spec.export says. Returns the exit code.
+
+    watch: the SIGTERM watch the CLI installed at start-up; None installs one for this call.
+    """
+    with watching(watch) as w:
+        return _run_export(spec, Path(workspace), metadata, w)
+
+
+def _run_export(
+    spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | None, watch: PreemptionWatch
+) -> int:
     from .evaluate import GateFailed
     from .verify import InvalidAdapter, VerificationFailed
 
@@ -58,7 +92,6 @@ def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | N
         logging.basicConfig(
             level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
         )
-    workspace = Path(workspace)
     stagings: list[Path] = []
     started = time.monotonic()
     try:
@@ -67,7 +100,7 @@ def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | N
         removed = clean_stale(workspace)
         if removed:
             log.info("removed staging left by an interrupted export: %s", ", ".join(removed))
-        meta = _export(spec, workspace, metadata or {}, stagings)
+        meta = _export(spec, workspace, metadata or {}, stagings, watch)
         summary = {
             "result": RESULT_COMPLETED,
             "message": meta.pop("_message"),
@@ -81,6 +114,14 @@ def run_export(spec: FineTuneSpec, workspace: Path, metadata: dict[str, Any] | N
         write_summary(summary)
         emit("export", stage="done", **{k: v for k, v in summary.items() if k != "result"})
         return EXIT_COMPLETED
+    except Preempted as e:
+        kept = (workspace / EXPORT_DIR / EXPORT_METADATA).is_file()
+        message = f"export {e}; staging removed, " + (
+            f"the previously published {EXPORT_DIR}/ is untouched" if kept else "nothing published"
+        )
+        write_summary({"result": RESULT_PREEMPTED, "message": message})
+        emit("export", stage="preempted", message=message)
+        return EXIT_PREEMPTED
     except InvalidInput as e:
         return _fail(EXIT_INVALID, RESULT_INVALID, f"export: {e}")
     except GateFailed as e:
@@ -114,7 +155,9 @@ def _fail(code: int, result: str, message: str, **fields: Any) -> int:
     return code
 
 
-def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: list[Path]) -> dict[str, Any]:
+def _export(
+    spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: list[Path], watch: PreemptionWatch
+) -> dict[str, Any]:
     from . import merge as merging
     from . import safeio
     from .card import build_metadata, model_card, write_json
@@ -134,9 +177,9 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
     fp = fingerprint(result, spec)
     current = current_export(workspace, fp)
     if current is not None:
-        _stage("current", fingerprint=fp)
+        emit("export", stage="current", fingerprint=fp)  # done already: a SIGTERM now changes nothing
         return {**current, "_message": f"export of {result.name} is already complete and current"}
-    _stage("start", source=result.name, lora=result.lora, formats=formats)
+    _stage(watch, "start", source=result.name, lora=result.lora, formats=formats)
     safeio.mmap_fallbacks.clear()
 
     merge_info: dict[str, Any]
@@ -177,7 +220,7 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
                 plan,
                 weights,
                 max_bytes,
-                on_shard=lambda i, n, name: emit("export", stage="shard", shard=i, shards=n, file=name),
+                on_shard=lambda i, n, name: _shard_done(watch, i, n, name),
             )
             merge_info = {
                 "method": "streaming" if result.lora else "copy",
@@ -195,7 +238,7 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
             merging.peft_merge(reference_hf, result.adapter_dir, weights, max_bytes)  # type: ignore[arg-type]
             merge_info = {"method": "peft-merge_and_unload", "fallbackReason": reason}
         merge_info["seconds"] = round(time.monotonic() - t0, 2)
-        _stage("merged", **merge_info)
+        _stage(watch, "merged", **merge_info)
     else:
         merge_info = {"method": "none (adapter only)"}
 
@@ -209,7 +252,7 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
     if "adapter" in formats:
         build_adapter(staging / "adapter", result.adapter_dir, tokenizer_src)  # type: ignore[arg-type]
     shutil.rmtree(weights)
-    _stage("formatted", formats=formats)
+    _stage(watch, "formatted", formats=formats)
 
     verify_info: dict[str, Any] = {}
     metrics: dict[str, float] | None = None
@@ -226,6 +269,7 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
             low_precision=low_precision,
         )
         _stage(
+            watch,
             "verified",
             maxDeviation=verify_info["maxDeviation"],
             baseDeviation=verify_info.get("baseDeviation"),
@@ -234,7 +278,7 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
             from .evaluate import gate
 
             metrics = gate(load_st(st_dir, spec), spec, workspace)
-            _stage("evaluated", metrics=metrics)
+            _stage(watch, "evaluated", metrics=metrics)
     else:
         if spec.export.evaluate is not None:
             raise InvalidInput(
@@ -243,7 +287,7 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
         from .verify import verify_adapter_only
 
         verify_info = verify_adapter_only(Path(result.base_model), staging / "adapter", spec)  # type: ignore[arg-type]
-        _stage("verified", baseDeviation=verify_info["baseDeviation"])
+        _stage(watch, "verified", baseDeviation=verify_info["baseDeviation"])
     if not need_weights or "sentence-transformers" not in formats:
         shutil.rmtree(st_dir, ignore_errors=True)
     merge_info["mmapFallback"] = list(safeio.mmap_fallbacks)
@@ -264,7 +308,7 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
         (staging / fmt / "README.md").write_text(model_card(meta, fmt))
     meta["files"] = file_sizes(staging)
     write_json(staging / EXPORT_METADATA, meta)
-    _stage("publishing")
+    _stage(watch, "publishing")  # the last safe point: past it, the publish is one rename away
     publish(staging, workspace)
     dev = verify_info.get("maxDeviation")
     return {
@@ -272,3 +316,9 @@ def _export(spec: FineTuneSpec, workspace: Path, job: dict[str, Any], stagings: 
         "_message": f"exported {result.name} as {', '.join(formats)}"
         + (f" (max deviation {dev:.2g})" if dev is not None else ""),
     }
+
+
+def _shard_done(watch: PreemptionWatch, i: int, n: int, name: str) -> None:
+    emit("export", stage="shard", shard=i, shards=n, file=name)
+    if i < n:
+        _stop_if_requested(watch, f"after shard {i} of {n}")
