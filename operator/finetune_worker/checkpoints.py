@@ -1,7 +1,7 @@
 """Checkpoints on the workspace: which are valid, which to resume from, atomic publishing, rotation.
 
 A checkpoint is only ever published by renaming a complete `.staging-*` directory to
-`checkpoint-N`, so a kill during a save leaves a staging directory (cleaned on the next start),
+`checkpoint-N` (atomic.py), so a kill during a save leaves a staging directory (cleaned on the next start),
 never a `checkpoint-N` that looks valid and is not. Validation still checks every file, because
 disks fill up, copies get truncated and people edit workspaces by hand.
 """
@@ -24,11 +24,14 @@ from finetune_operator.contract import (
     checkpoint_step,
 )
 
+from .atomic import replace_dir, restore_aside
+
 TRAINER_STATE = "trainer_state.json"
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
 REQUIRED_PICKLES = ("optimizer.pt", "scheduler.pt")  # torch.save zip archives
 OPTIONAL_PICKLES = ("rng_state.pth", "loss_state.pt")
 FINAL_STAGING_PREFIX = f"{STAGING_PREFIX}{FINAL_DIR}-"  # where final/ is built before its rename
+ASIDE_PREFIX = f"{STAGING_PREFIX}old-"  # `.staging-old-<name>-<pid>`: an older <name> during its replacement
 
 
 def checkpoints_dir(workspace: Path) -> Path:
@@ -136,15 +139,29 @@ def resolve_resume_checkpoint(workspace: Path, needs: Iterable[str] = ()) -> tup
     return None, skipped
 
 
+def _parked(root: Path) -> set[str]:
+    """Names whose older copy a replacement parked in root as `.staging-old-<name>-<pid>`."""
+    if not root.is_dir():
+        return set()
+    return {p.name[len(ASIDE_PREFIX) :].rpartition("-")[0] for p in root.iterdir() if p.name.startswith(ASIDE_PREFIX)}
+
+
 def clean_staging(workspace: Path) -> list[str]:
     """Remove leftover staging directories of training (a checkpoint save or final/ publish that was
-    killed): everything `.staging-*` under checkpoints/, and `.staging-final-*` in the workspace.
-    Returns their names."""
+    killed): everything `.staging-*` under checkpoints/, and `.staging-final-*` / `.staging-old-final-*`
+    in the workspace. First, an older checkpoint or final/ parked aside by a replacement that was
+    killed halfway is renamed back. Returns the names removed."""
+    ws, ckpts = Path(workspace), checkpoints_dir(workspace)
+    for name in _parked(ws) & {FINAL_DIR}:
+        restore_aside(ws / name, f"{ASIDE_PREFIX}{name}-")
+    for name in _parked(ckpts):
+        if checkpoint_step(name) is not None:
+            restore_aside(ckpts / name, f"{ASIDE_PREFIX}{name}-")
     removed = []
-    for root, prefix in ((Path(workspace), FINAL_STAGING_PREFIX), (checkpoints_dir(workspace), STAGING_PREFIX)):
+    for root, prefixes in ((ws, (FINAL_STAGING_PREFIX, f"{ASIDE_PREFIX}{FINAL_DIR}-")), (ckpts, (STAGING_PREFIX,))):
         if root.is_dir():
             for p in sorted(root.iterdir()):
-                if p.name.startswith(prefix):
+                if p.name.startswith(prefixes):
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
                     else:
@@ -153,46 +170,14 @@ def clean_staging(workspace: Path) -> list[str]:
     return removed
 
 
-def fsync_tree(path: Path) -> None:
-    """Flush every file under path, and the directories, to disk (a rename is only as durable as its contents)."""
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def publish_dir(staging: Path, final: Path) -> None:
-    """Atomically make a complete staging directory visible under its final name.
+    """Make a complete staging directory visible under its final name (a checkpoint, or final/).
 
-    An existing `final` (a re-save of the same step, or an older result) is moved aside first and
-    removed after the rename, so there is never a moment where neither is complete.
+    An older `final` (a re-save of the same step) is replaced without a gap (see atomic.py); where
+    the filesystem forces the two-rename fallback and a kill lands between them, the next start's
+    `clean_staging` renames the older one back.
     """
-    fsync_tree(staging)
-    old = None
-    if final.exists():
-        old = final.with_name(f"{STAGING_PREFIX}old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(staging, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(staging, final, final.with_name(f"{ASIDE_PREFIX}{final.name}-{os.getpid()}"))
 
 
 def rotate(workspace: Path, keep: int) -> list[str]:

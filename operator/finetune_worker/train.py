@@ -96,13 +96,12 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     base = resolve_base_model(spec, workspace)
     data = load_training_data(spec, workspace)  # every data problem surfaces before the model loads
     workspace.mkdir(parents=True, exist_ok=True)
-    final = workspace / FINAL_DIR
-    done = _completed(final)
+    for name in clean_staging(workspace):  # first: it renames back a final/ that a killed re-publish parked
+        emit("cleaned", name=name)
+    done = _completed(workspace / FINAL_DIR)
     if done is not None:
         return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=done.get("steps"), checkpoint=FINAL_DIR,
                        message="already trained: final/ exists")
-    for name in clean_staging(workspace):
-        emit("cleaned", name=name)
     if watch.requested:  # SIGTERM during start-up: don't load the model only to drop it
         return _stopped_before_training(watch, None, None)
 

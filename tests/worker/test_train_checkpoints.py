@@ -144,3 +144,19 @@ def test_the_cli_module_loads_no_ml_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
+
+def test_a_killed_replacement_puts_the_older_checkpoint_and_final_back(tmp_path: Path) -> None:
+    """The two-rename fallback of publish_dir killed between its renames leaves the older copy parked
+    as `.staging-old-<name>-<pid>`; the next start renames it back instead of deleting it as staging."""
+    from finetune_worker.checkpoints import clean_staging
+
+    ws = tmp_path / "ws"
+    for parked in (ws / "checkpoints" / ".staging-old-checkpoint-8-4242", ws / ".staging-old-final-4242"):
+        parked.mkdir(parents=True)
+        (parked / "marker").write_text(parked.name)
+    (ws / "checkpoints" / ".staging-checkpoint-10-4242").mkdir()  # an unfinished save: goes
+    removed = clean_staging(ws)
+    assert (ws / "checkpoints" / "checkpoint-8" / "marker").read_text() == ".staging-old-checkpoint-8-4242"
+    assert (ws / "final" / "marker").read_text() == ".staging-old-final-4242"
+    assert removed == [".staging-checkpoint-10-4242"]
+    assert sorted(p.name for p in ws.rglob(".staging-*")) == []

@@ -309,7 +309,7 @@ def _export(
     meta["files"] = file_sizes(staging)
     write_json(staging / EXPORT_METADATA, meta)
     _stage(watch, "publishing")  # the last safe point: past it, the publish is one rename away
-    publish(staging, workspace)
+    publish(staging, workspace, on_aside=lambda: _pause(watch, "aside"))
     dev = verify_info.get("maxDeviation")
     return {
         **meta,
