@@ -111,6 +111,7 @@ def test_empty_and_missing_workspace_start_fresh(tmp_path: Path) -> None:
     assert resolve_resume_checkpoint(tmp_path / "absent") == (None, [])
     (tmp_path / "ws/checkpoints/checkpoint-x").mkdir(parents=True)  # not a step number: ignored
     (tmp_path / "ws/checkpoints/.staging-checkpoint-3-1").mkdir()
+    (tmp_path / "ws/checkpoints/checkpoint-\uff11\uff12").mkdir()  # full-width "12": not ours, never skipped+removed
     assert resolve_resume_checkpoint(tmp_path / "ws") == (None, [])
 
 
