@@ -132,6 +132,14 @@ async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any) -> Non
         await kube.delete(API_VERSION, PLURAL, ns, name)
 
 
+async def _wake_continuations(kube: Kube, namespace: str, name: str) -> None:
+    """A job just finished: jobs continuing from it (spec.model.fromJob) are due now, not at their
+    next pending_interval."""
+    for other in await kube.list(API_VERSION, PLURAL, namespace):
+        if ((other.get("spec") or {}).get("model") or {}).get("fromJob") == name:
+            _state["due"][(namespace, other["metadata"]["name"])] = 0.0
+
+
 async def reconcile_job(namespace: str, name: str, logger: Any) -> Plan | None:
     """One level-triggered pass for one job; None when the job is gone or being deleted."""
     async with _lock(namespace, name):
@@ -144,6 +152,8 @@ async def reconcile_job(namespace: str, name: str, logger: Any) -> Plan | None:
                 return None
             plan = reconcile(job, await observe(kube, job), dt.datetime.now(dt.timezone.utc), SETTINGS)
             await apply(kube, job, plan, logger)
+            if plan.phase in TERMINAL_PHASES and (job.get("status") or {}).get("phase") != plan.phase:
+                await _wake_continuations(kube, namespace, name)
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
             _state["due"][(namespace, name)] = (

@@ -117,11 +117,23 @@ def export(ws: Path, cfg: dict) -> int:
     return 0
 
 
+def source_export(ws: Path, spec: dict) -> str | None:
+    """Where the real worker finds `model.fromJob`'s export (modelsrc.py), or a failure message."""
+    src = (spec.get("model") or {}).get("fromJob")
+    root = Path(os.environ.get("FINETUNE_JOBS_ROOT") or ws.parent)
+    path = root / src / "export" / "sentence-transformers"
+    return None if path.is_dir() else f"spec.model.fromJob: job {src!r} has no sentence-transformers export at {path}"
+
+
 def main() -> int:
     command, ws = sys.argv[1], Path(sys.argv[sys.argv.index("--workspace") + 1])
     spec = json.loads(os.environ["FINETUNE_CONFIG"])["spec"]
     cfg_path = ws / "fake-worker.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    needs_source = command == "train" or spec.get("lora") is not None  # a LoRA export merges onto it
+    if (spec.get("model") or {}).get("fromJob") and needs_source and (problem := source_export(ws, spec)):
+        summary({"result": "invalid", "message": problem})
+        return 2
     return train(ws, spec, cfg) if command == "train" else export(ws, cfg)
 
 

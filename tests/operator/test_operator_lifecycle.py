@@ -232,3 +232,40 @@ def test_pod_ending_while_the_operator_is_down_is_picked_up(
     st = wait_phase(cluster, "down", "Succeeded", 60)
     assert st["attempts"][0]["result"] == "failed" and st["attempts"][1]["resumedFrom"]
     assert [a["pod"] for a in st["attempts"] if a["role"] == "train"] == ["down-train-1", "down-train-2"]
+
+
+def test_from_job_waits_for_its_source_then_trains_on_its_mounted_export(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """Both applied at once (as an Argo CD sync would): the continuation waits, without a pod, until
+    the source Succeeded, then its pods mount the source's export read-only and find it (the fake
+    worker exits 2 like the real one when the export is not where FINETUNE_JOBS_ROOT says)."""
+    configure(cluster, "src-workspace", steps=30, stepSeconds=0.1)
+    configure(cluster, "cont-workspace", steps=5)
+    cluster.create(finetune_job("src", spec()))
+    cluster.create(finetune_job("cont", spec(model={"fromJob": "src"})))
+    wait_phase(cluster, "src", "Training")
+    st = cluster.wait_for(lambda: (s := status(cluster, "cont")).get("reason") == "WaitingForSourceJob" and s, 30,
+                          what="cont waiting for src")  # fmt: skip
+    assert st["phase"] == "Pending" and "src" in st["message"]
+    assert cluster.pods(label_selector="finetune.dev/job=cont") == []
+    wait_phase(cluster, "src", "Succeeded", 60)
+    st = wait_phase(cluster, "cont", "Succeeded", 60)
+    assert [a["result"] for a in st["attempts"]] == ["completed", "completed"], st["attempts"]
+    pod = cluster.pod("cont-train-1")
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    src_volume = next(n for n, c in claims.items() if c == "src-workspace")
+    mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == src_volume)
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert mount["readOnly"] is True and mount["mountPath"].startswith(env["FINETUNE_JOBS_ROOT"] + "/src")
+    assert "WaitingForSourceJob" in reasons(cluster, "cont")
+
+
+def test_from_job_of_a_failed_source_fails_with_the_reason(cluster: Cluster, operator: OperatorRunner) -> None:
+    configure(cluster, "bad-src-workspace", train="invalid")
+    cluster.create(finetune_job("bad-src", spec()))
+    cluster.create(finetune_job("after-bad", spec(model={"fromJob": "bad-src"})))
+    wait_phase(cluster, "bad-src", "Failed", 30)
+    st = wait_phase(cluster, "after-bad", "Failed", 30)
+    assert st["reason"] == "SourceJobFailed" and "bad-src" in st["message"]
+    assert cluster.pods(label_selector="finetune.dev/job=after-bad") == []
