@@ -23,6 +23,7 @@ from finetune_operator.contract import EXPORT_DIR
 from finetune_operator.spec import BUILTIN_PREFIX, FineTuneSpec
 
 from .errors import InvalidInput
+from .export.safeio import is_enodev, note_mmap_fallback
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -100,7 +101,13 @@ def load_sentence_transformer(path_or_id: str, spec: FineTuneSpec, device: str |
     if spec.model.revision:
         kwargs["revision"] = spec.model.revision
     try:
-        model = SentenceTransformer(path_or_id, **kwargs)
+        try:
+            model = SentenceTransformer(path_or_id, **kwargs)
+        except OSError as e:  # errno 19: this filesystem cannot mmap; read the weights into memory
+            if not is_enodev(e):
+                raise
+            note_mmap_fallback(path_or_id, e)
+            model = SentenceTransformer(path_or_id, **kwargs, model_kwargs={"disable_mmap": True})
     except (OSError, ValueError) as e:
         local = Path(path_or_id).exists()
         if local or _offline():

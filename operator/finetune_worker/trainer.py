@@ -26,6 +26,7 @@ from finetune_operator.contract import checkpoint_name
 
 from .callbacks import fault
 from .checkpoints import checkpoints_dir, publish_dir, rotate, staging_for
+from .export.safeio import is_enodev, load_file, note_mmap_fallback
 from .losses import load_loss_state, save_loss_state
 from .summary import emit
 
@@ -88,7 +89,13 @@ class ResumableTrainer(SentenceTransformerTrainer):
         if self.ft_lora:
             load_adapter_weights(self.model, path)
         else:
-            super()._load_from_checkpoint(checkpoint_path)
+            try:
+                super()._load_from_checkpoint(checkpoint_path)
+            except OSError as e:  # errno 19: the workspace cannot mmap
+                if not is_enodev(e):
+                    raise
+                note_mmap_fallback(path, e)
+                load_full_checkpoint_without_mmap(self.model, path)
         load_loss_state(self._ft_loss(), path)
 
     def _ft_loss(self) -> torch.nn.Module:
@@ -100,15 +107,28 @@ class ResumableTrainer(SentenceTransformerTrainer):
 def load_adapter_weights(model: Any, checkpoint: Path) -> None:
     """Load a checkpoint's LoRA weights into the adapter already attached to the model."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     files = sorted(checkpoint.rglob("adapter_model.safetensors"))
     if not files:
         raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors")
-    state = load_file(str(files[0]))
+    state = load_file(files[0])  # falls back to reading into memory on errno 19
     result = set_peft_model_state_dict(model.transformers_model, state)
     missing_lora = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     unexpected = list(getattr(result, "unexpected_keys", []))
     if missing_lora or unexpected:
         raise RuntimeError(f"{files[0]}: adapter keys do not match the model (missing {missing_lora[:3]}, "
                            f"unexpected {unexpected[:3]})")
+
+
+def load_full_checkpoint_without_mmap(model: Any, checkpoint: Path) -> None:
+    """sentence-transformers' own checkpoint reload (base/trainer.py `_load_from_checkpoint`, pinned
+    6.2.0) with transformers' `disable_mmap`, for workspaces whose filesystem cannot mmap (errno 19)."""
+    from sentence_transformers.base.modules import Module
+    from sentence_transformers.util import fullname
+
+    model = getattr(model, "_orig_mod", model)
+    classes = {fullname(m): type(m) for m in model.modules() if isinstance(m, Module)}
+    loaded = model.__class__._load_with_module_classes(
+        str(checkpoint), classes, trust_remote_code=model.trust_remote_code, model_kwargs={"disable_mmap": True}
+    )
+    model.load_state_dict(loaded.state_dict())
