@@ -219,6 +219,11 @@ def _source_workspace(
     field = "spec.model.fromJob"
     if name == me:
         return _invalid(p, live, S.REASON_INVALID_SPEC, f"{field}: a job cannot continue from itself")
+    recorded = p.st.get("source") or {}
+    if role == ROLE_EXPORT and recorded.get("job") == name and recorded.get("claim"):
+        # the export merges onto the export training started from, even if the source job has
+        # been deleted (its claim is kept by default) or re-created since
+        return SourceWorkspace(job=name, claim=str(recorded["claim"]))
     src = observed.source_job
     if src is None:
         ns = p.job["metadata"].get("namespace") or "default"
@@ -283,6 +288,8 @@ def _launch(
     )
     st.pop("nextAttemptAfter", None)
     st.setdefault("startTime", p.ts)
+    if source is not None and role == ROLE_TRAIN:
+        st["source"] = {"job": source.job, "claim": source.claim}
     if role == ROLE_EXPORT:
         p.event("Normal", "ExportStarted", f"created export pod {name} (attempt {attempt})")
         p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {name} is pending")

@@ -146,13 +146,26 @@ def done_training() -> tuple[dict[str, Any], tuple[PodObservation, ...]]:
     return j, (done,)
 
 
-def test_a_lora_export_mounts_the_source_too_and_waits_for_it_in_exporting() -> None:
+def test_a_lora_export_mounts_the_source_training_started_from() -> None:
     j, pods = done_training()
+    assert j["status"]["source"] == {"job": "prev", "claim": "prev-workspace"}
     _, plan = step(j, SUCCEEDED, pods, claim=True)
     mounts, env = mounts_and_env(plan.create[0])
     assert plan.create[0]["metadata"]["name"] == "next-export-1" and env["FINETUNE_JOBS_ROOT"] == JOBS_ROOT
     assert any(m["mountPath"] == MOUNT and m["readOnly"] for m in mounts)
-    gone, plan = step(j, None, pods, claim=True)  # the source was deleted after training
+    # the source job was deleted after training (its claim is retained by default) or re-created on
+    # another claim: the export still merges onto the export training started from
+    renamed = source("Succeeded", {"storage": {"claimName": "elsewhere"}}, export=SUCCEEDED["status"]["export"])
+    for src in (None, source("Training", reason="Training"), renamed):
+        _, plan = step(j, src, pods, claim=True)
+        vols = plan.create[0]["spec"]["volumes"]
+        assert {"name": "source-workspace", "persistentVolumeClaim": {"claimName": "prev-workspace", "readOnly": True}} in vols
+
+
+def test_a_lora_export_without_a_recorded_source_waits_for_it_in_exporting() -> None:
+    j, pods = done_training()
+    del j["status"]["source"]  # trained by an operator that did not record it
+    gone, plan = step(j, None, pods, claim=True)
     assert plan.create == [] and gone["status"]["phase"] == "Exporting"
     assert gone["status"]["reason"] == "WaitingForSourceJob" and ("Normal", "WaitingForSourceJob") in events(plan)
 
@@ -231,3 +244,16 @@ def test_the_handler_reads_the_source_job_from_the_same_namespace() -> None:
     kube = ReadingKube({})
     observed = asyncio.run(handlers.observe(kube, job(spec={"model": {"base": "x/y"}})))  # type: ignore[arg-type]
     assert observed.source_job is None and not any(g[0] == "finetunejobs" for g in kube.gets)
+
+
+def test_the_recorded_source_is_declared_in_the_crd_status_schema() -> None:
+    """A real API server prunes status fields its schema does not declare."""
+    from pathlib import Path
+
+    import yaml
+
+    crd = yaml.safe_load((Path(__file__).parents[2] / "crds" / "finetune.dev_finetunejobs.yaml").read_text())
+    props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    j, _ = done_training()
+    assert set(j["status"]) <= set(props), set(j["status"]) - set(props)
+    assert set(j["status"]["source"]) <= set(props["source"]["properties"])
