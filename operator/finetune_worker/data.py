@@ -195,11 +195,11 @@ def add_tsdae_noise(ds: Dataset, seed: int, delete_ratio: float) -> Dataset:
     return ds.select_columns([TSDAE_NOISY, "text"])
 
 
-def load_training_data(spec: FineTuneSpec, workspace: Path) -> TrainingData:
-    """Read, map and split the training (and eval) data of a spec.
+def read_training_rows(spec: FineTuneSpec, workspace: Path) -> tuple[Dataset, str]:
+    """The training data as stored (file-side column names), and how to name it in messages.
 
     Raises:
-        InvalidInput: anything wrong with the data, named by file and column.
+        InvalidInput: unreadable or empty.
     """
     d = spec.dataset
     if d.inline is not None:
@@ -210,15 +210,37 @@ def load_training_data(spec: FineTuneSpec, workspace: Path) -> TrainingData:
         raw, where = read_table(str(d.path), workspace, d.split), f"spec.dataset.path {d.path}"
     if len(raw) == 0:
         raise InvalidInput(f"{where}: no rows")
+    return raw, where
+
+
+def split_eval_fraction(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, eval): the seeded held-out split of spec.dataset.eval.fraction. The export's evaluation
+    gate calls this too, so it scores exactly the rows training held out (the split depends only on
+    the row count and the seed, not on the columns).
+
+    Raises:
+        InvalidInput: the fraction leaves nothing to train on.
+    """
+    n_eval = max(1, round(len(ds) * fraction))
+    if n_eval >= len(ds):
+        raise InvalidInput(f"spec.dataset.eval.fraction: {fraction} of {len(ds)} rows leaves nothing to train on")
+    split = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def load_training_data(spec: FineTuneSpec, workspace: Path) -> TrainingData:
+    """Read, map and split the training (and eval) data of a spec.
+
+    Raises:
+        InvalidInput: anything wrong with the data, named by file and column.
+    """
+    d = spec.dataset
+    raw, where = read_training_rows(spec, workspace)
     train = map_columns(raw, spec, where)
     ev = None
     if d.eval is not None:
         if d.eval.fraction is not None:
-            n_eval = max(1, round(len(train) * d.eval.fraction))
-            if n_eval >= len(train):
-                raise InvalidInput(f"spec.dataset.eval.fraction: {d.eval.fraction} of {len(train)} rows leaves nothing to train on")
-            split = train.train_test_split(test_size=n_eval, seed=spec.training.seed, shuffle=True)
-            train, ev = split["train"], split["test"]
+            train, ev = split_eval_fraction(train, d.eval.fraction, spec.training.seed)
         elif d.eval.inline is not None:
             ev = map_columns(_records_to_dataset(d.eval.inline, "spec.dataset.eval.inline"), spec, "spec.dataset.eval.inline")
         elif d.eval.path is not None:

@@ -71,20 +71,12 @@ def eval_rows(spec: FineTuneSpec, workspace: Path) -> list[dict[str, Any]]:
         return [dict(r) for r in ev.inline]
     if ev.path is not None:
         return _read_rows(_workspace_file(workspace, ev.path, "spec.dataset.eval.path"))
-    # a fraction of the training data, split as the training worker does (seeded shuffle)
-    ds = spec.dataset
-    if ds.inline is not None:
-        rows = [dict(r) for r in ds.inline]
-    elif ds.path is not None:
-        rows = _read_rows(_workspace_file(workspace, ds.path, "spec.dataset.path"))
-    else:
-        from datasets import load_dataset
+    # a fraction of the training data: exactly the rows the training worker held out
+    from ..data import read_training_rows, split_eval_fraction
 
-        rows = list(load_dataset(ds.hub, split=ds.split))
-    from datasets import Dataset
-
-    split = Dataset.from_list(rows).train_test_split(test_size=ev.fraction, seed=spec.training.seed)
-    return list(split["test"])
+    raw, _ = read_training_rows(spec, workspace)
+    _, held_out = split_eval_fraction(raw, ev.fraction, spec.training.seed)
+    return list(held_out)
 
 
 def _column(rows: list[dict[str, Any]], spec: FineTuneSpec, model_side: str, position: int) -> list[Any]:
