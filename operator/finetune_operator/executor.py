@@ -104,7 +104,7 @@ class LocalPodExecutor:
         enforce_memory_limits: bool = True,
         default_command: Sequence[str] = DEFAULT_COMMAND,
     ) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # workers run in their pod directory: relative paths would land there
         self.default_command = list(default_command)
         self.bin_dir = Path(bin_dir) if bin_dir is not None else Path(sys.executable).parent
         self._on_exit = on_exit

@@ -147,7 +147,7 @@ class LocalRunner:
             self.jobs[str(job["metadata"]["name"])] = job
         if not self.jobs:
             raise ValueError("no job to run")
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.out = out
         self.settings = settings
         self.wake = threading.Event()

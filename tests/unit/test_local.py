@@ -221,3 +221,15 @@ def test_a_mount_below_a_directory_the_host_lacks_is_reachable_from_that_directo
         }})  # fmt: skip
         assert ex.wait("p", 10)
         assert ex.status("p")["phase"] == "Succeeded" and ex.logs("p") == "weights"
+
+
+def test_a_relative_workdir_holds_the_workspace(tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo` passes `--workdir runs/demo`: the workers run in their pod directories, so a
+    relative workspace path once landed under runs/demo/pods/<pod>/runs/demo/ and export found nothing."""
+    f = tmp_path / "demo.yaml"
+    f.write_text(yaml.safe_dump(JOB))
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    assert LocalRunner(load_job(f), Path("rel/work"), out=out, settings=FAST, bin_dir=fake_bin).run(timeout=60) == 0, out.getvalue()
+    assert (tmp_path / "rel/work/pvcs/demo-workspace/export/sentence-transformers").is_dir()
+    assert not list((tmp_path / "rel/work/pods").glob("*/rel"))
