@@ -258,6 +258,29 @@ def test_evaluation_gate_pass_and_fail(tiny_model: Path, tmp_path: Path, termlog
     _no_staging(ws2)
 
 
+def test_similarity_gate_scores_spearman_on_scored_pairs(tiny_model: Path, tmp_path: Path, termlog: Path) -> None:
+    """spearman/pearson run EmbeddingSimilarityEvaluator on (anchor, positive, score) eval rows."""
+    from tinymodel import pairs
+
+    ev = [{"question": p["question"], "answer": p["answer"], "score": 1.0} for p in pairs(8, seed=3)]
+    ev += [{"question": a["question"], "answer": b["answer"], "score": 0.0}
+           for a, b in zip(pairs(8, seed=3), pairs(8, seed=4), strict=True)]  # fmt: skip
+    ws = lora_workspace(tmp_path / "ws", tiny_model)
+    passing = spec(tiny_model, export={"formats": ["sentence-transformers"],
+                                       "evaluate": {"metric": "spearman", "min": -1}}, eval_inline=ev)  # fmt: skip
+    assert _run(passing, ws) == 0
+    metrics = json.loads((ws / "export" / "metadata.json").read_text())["metrics"]
+    assert set(metrics) == {"spearman", "pearson"} and -1 <= metrics["spearman"] <= 1
+    ws2 = lora_workspace(tmp_path / "ws2", tiny_model)
+    failing = spec(tiny_model, export={"formats": ["sentence-transformers"],
+                                       "evaluate": {"metric": "pearson", "min": 1.0}}, eval_inline=ev)  # fmt: skip
+    assert _run(failing, ws2) == 2
+    summary = json.loads(termlog.read_text())
+    assert "evaluation gate failed: pearson" in summary["message"]
+    assert summary["metrics"]["pearson"] == pytest.approx(metrics["pearson"], abs=1e-6)
+    assert not (ws2 / "export").exists()
+
+
 def test_errno19_mmap_failure_falls_back_to_reading_into_memory(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
