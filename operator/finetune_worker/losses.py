@@ -6,12 +6,15 @@ DenoisingAutoEncoderLoss (TSDAE) owns a decoder the Trainer never saves; `save_l
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_operator.spec import FineTuneSpec
 
 from .errors import InvalidInput
+from .export.safeio import is_enodev, note_mmap_fallback
 
 if TYPE_CHECKING:
     import torch
@@ -62,10 +65,37 @@ def build_loss(spec: FineTuneSpec, model: SentenceTransformer) -> torch.nn.Modul
                                      matryoshka_weights=list(weights) if weights else None)
     if name == "DenoisingAutoEncoderLoss":
         try:
-            return losses.DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True)
+            try:
+                return losses.DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True)
+            except OSError as e:  # errno 19: the decoder's weights cannot be memory-mapped here
+                if not is_enodev(e):
+                    raise
+                note_mmap_fallback(getattr(getattr(model, "transformers_model", None), "name_or_path", "the decoder"), e)
+                with _decoder_without_mmap():
+                    return losses.DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True)
         except (ValueError, OSError, AssertionError) as e:
             raise InvalidInput(f"spec.training.loss: DenoisingAutoEncoderLoss cannot build a decoder for this model: {e}") from None
     return _simple(name, model, params)
+
+
+@contextlib.contextmanager
+def _decoder_without_mmap() -> Iterator[None]:
+    """DenoisingAutoEncoderLoss loads its decoder with AutoModelForCausalLM.from_pretrained and takes
+    no loading options (sentence-transformers 6.2.0, pinned); for the one call, pass disable_mmap."""
+    import functools
+
+    from sentence_transformers.sentence_transformer.losses import denoising_auto_encoder as dae
+
+    auto = dae.AutoModelForCausalLM
+
+    class _NoMmap:
+        from_pretrained = functools.partial(auto.from_pretrained, disable_mmap=True)
+
+    dae.AutoModelForCausalLM = _NoMmap  # type: ignore[misc,assignment]
+    try:
+        yield
+    finally:
+        dae.AutoModelForCausalLM = auto  # type: ignore[misc]
 
 
 def _held_modules(loss: torch.nn.Module) -> dict[str, torch.nn.Module]:

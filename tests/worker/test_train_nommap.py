@@ -37,3 +37,20 @@ def test_no_mmap_workspace_trains_and_resumes_exactly(
     assert f"memory-mapping {ws / 'checkpoints' / 'checkpoint-4'}" in resumed.stderr, resumed.stderr[-3000:]
     weights = "final/adapter/adapter_model.safetensors" if lora else "final/model.safetensors"
     assert max_abs_diff(tmp_path / "ref" / weights, ws / weights) <= 1e-6
+
+
+def test_no_mmap_tsdae_builds_its_decoder_from_memory(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sentence-transformers loads the TSDAE decoder itself (from the base model's files)."""
+    from tinymodel import corpus
+
+    spec = pair_spec(tiny_model, steps=4, loss="DenoisingAutoEncoderLoss")
+    spec["dataset"] = {"inline": [{"text": t} for t in corpus(16)]}
+    cfg = write_config(tmp_path, spec)
+    ws = tmp_path / "ws"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SHIM), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAULT_ENODEV_PATHS", f"{ws},{tiny_model}")
+    run = train(tmp_path, cfg, ws)
+    assert run.rc == 0, run.stderr[-3000:]
+    assert "reading it into memory instead" in run.stderr
