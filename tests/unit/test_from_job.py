@@ -4,11 +4,11 @@ pods it builds (the source's export mounted read-only, FINETUNE_JOBS_ROOT), and 
 from __future__ import annotations
 
 import asyncio
-import copy
 import datetime as dt
 from typing import Any
 
 import pytest
+from test_reconcile import apply
 
 from finetune_operator import handlers
 from finetune_operator.builders import JOBS_ROOT, SourceWorkspace, build_pod
@@ -43,13 +43,7 @@ SUCCEEDED = source("Succeeded", reason="Exported",
 def step(j: dict[str, Any], src: dict[str, Any] | None, pods: tuple[PodObservation, ...] = (),
          claim: bool = False, now: dt.datetime = T0) -> tuple[dict[str, Any], Plan]:  # fmt: skip
     plan = reconcile(j, Observed(pods=pods, claim_exists=claim, source_job=src), now, SETTINGS)
-    j = copy.deepcopy(j)
-    for k, v in (plan.status or {}).items():
-        if v is None:
-            j["status"].pop(k, None)
-        else:
-            j["status"][k] = v
-    return j, plan
+    return apply(j, plan), plan
 
 
 def events(plan: Plan) -> list[tuple[str, str]]:
