@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import posixpath
 import shutil
 import signal as _signal
 import subprocess
@@ -50,9 +49,10 @@ from .podlocal import (
     expand_vars,
     killpg,
     parse_memory_quantity,
+    resolve_executable,
     rewrite_path,
-    synthesized_parents,
     tree_rss,
+    volume_mounts,
 )
 
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"  # read by finetune_worker.summary
@@ -171,7 +171,7 @@ class LocalPodExecutor:
                 self._on_exit(name)
 
     def _spawn(self, record: _Pod, pod: dict[str, Any], container: dict[str, Any]) -> None:
-        mounts = self._mounts(record, pod, container)
+        mounts = volume_mounts(pod, container, record.dir, self.pvc_dir)
         env = dict(os.environ)
         env.pop(TERMINATION_LOG_ENV, None)
         container_env: dict[str, str] = {}
@@ -195,7 +195,7 @@ class LocalPodExecutor:
         try:
             if not argv:
                 raise FileNotFoundError("container has no command and the executor no default_command")
-            argv[0] = self._resolve(argv[0])
+            argv[0] = resolve_executable(argv[0], self.bin_dir)
             cwd.mkdir(parents=True, exist_ok=True)
             record.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
@@ -213,47 +213,6 @@ class LocalPodExecutor:
             threading.Thread(
                 target=self._reap, args=(record,), name=f"pod-{record.name}", daemon=True
             ).start()
-
-    def _mounts(self, record: _Pod, pod: dict[str, Any], container: dict[str, Any]) -> list[tuple[str, str]]:
-        volumes: dict[str, Path] = {}
-        for vol in (pod.get("spec") or {}).get("volumes") or []:
-            claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
-            if claim:
-                volumes[vol["name"]] = self.pvc_dir(claim)
-            else:  # emptyDir; configMap/secret/... have no source here: an empty directory too
-                volumes[vol["name"]] = record.dir / "volumes" / vol["name"]
-                volumes[vol["name"]].mkdir(parents=True, exist_ok=True)
-        mounts = []
-        for m in container.get("volumeMounts") or []:
-            if m.get("name") not in volumes:
-                continue
-            local = volumes[m["name"]] / m["subPath"] if m.get("subPath") else volumes[m["name"]]
-            local.mkdir(parents=True, exist_ok=True)
-            mounts.append((m["mountPath"].rstrip("/") or "/", str(local)))
-        parents = synthesized_parents([path for path, _ in mounts])
-        rootfs = record.dir / "rootfs"
-        for path, local in list(mounts):
-            if posixpath.dirname(path) in parents:
-                link = rootfs / path.lstrip("/")
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(local, target_is_directory=True)
-        for parent in parents:
-            (rootfs / parent.lstrip("/")).mkdir(parents=True, exist_ok=True)
-            mounts.append((parent, str(rootfs / parent.lstrip("/"))))
-        return sorted(mounts, key=lambda mp: len(mp[0]), reverse=True)  # the deepest mount wins
-
-    def _resolve(self, command: str) -> str:
-        candidate = self.bin_dir / Path(command).name
-        if os.sep not in command and candidate.is_file():
-            return str(candidate)
-        if os.path.isabs(command) and os.path.isfile(command):
-            return command
-        if candidate.is_file():  # /usr/local/bin/finetune-worker in the image -> the venv's script
-            return str(candidate)
-        found = shutil.which(Path(command).name)
-        if found is None:
-            raise FileNotFoundError(f"executable {command!r} not found in {self.bin_dir} or on PATH")
-        return found
 
     def _reap(self, record: _Pod) -> None:
         assert record.proc is not None

@@ -1,4 +1,5 @@
-"""Pure helpers for running Pod specs locally: quantities, path mapping, `$(VAR)` expansion, /proc.
+"""Helpers for running Pod specs locally: quantities, volume and path mapping, executable lookup,
+`$(VAR)` expansion, /proc.
 
 Used by executor.LocalPodExecutor; no kopf, no torch, no API client.
 """
@@ -9,6 +10,7 @@ import contextlib
 import os
 import posixpath
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,64 @@ def synthesized_parents(
                 out.add(parent)
             parent = posixpath.dirname(parent)
     return sorted(out)
+
+
+def volume_mounts(
+    pod: dict[str, Any], container: dict[str, Any], pod_dir: Path, pvc_dir: Callable[[str], Path]
+) -> list[tuple[str, str]]:
+    """(mountPath, local directory) for each of the container's volumeMounts, deepest first.
+
+    A persistentVolumeClaim maps to `pvc_dir(claimName)`; emptyDir and every other kind to a fresh
+    directory under `pod_dir/volumes/`; `subPath` is honoured. Directories above mount points that
+    exist neither as a mount nor on this host are built under `pod_dir/rootfs/`, with the mounts
+    in them as symlinks, and mapped too (see `synthesized_parents`). Creates the directories.
+    """
+    volumes: dict[str, Path] = {}
+    for vol in (pod.get("spec") or {}).get("volumes") or []:
+        claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+        if claim:
+            volumes[vol["name"]] = pvc_dir(claim)
+        else:  # emptyDir; configMap/secret/... have no source here: an empty directory too
+            volumes[vol["name"]] = pod_dir / "volumes" / vol["name"]
+            volumes[vol["name"]].mkdir(parents=True, exist_ok=True)
+    mounts = []
+    for m in container.get("volumeMounts") or []:
+        if m.get("name") not in volumes:
+            continue
+        local = volumes[m["name"]] / m["subPath"] if m.get("subPath") else volumes[m["name"]]
+        local.mkdir(parents=True, exist_ok=True)
+        mounts.append((m["mountPath"].rstrip("/") or "/", str(local)))
+    parents = synthesized_parents([path for path, _ in mounts])
+    rootfs = pod_dir / "rootfs"
+    for path, local in list(mounts):
+        if posixpath.dirname(path) in parents:
+            link = rootfs / path.lstrip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(local, target_is_directory=True)
+    for parent in parents:
+        (rootfs / parent.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        mounts.append((parent, str(rootfs / parent.lstrip("/"))))
+    return sorted(mounts, key=lambda mp: len(mp[0]), reverse=True)  # the deepest mount wins
+
+
+def resolve_executable(command: str, bin_dir: Path) -> str:
+    """The local executable for a container's `command[0]`: its name in `bin_dir` first, then the
+    path itself if absolute and present, then the name on PATH.
+
+    Raises:
+        FileNotFoundError: none of those exists.
+    """
+    candidate = bin_dir / Path(command).name
+    if os.sep not in command and candidate.is_file():
+        return str(candidate)
+    if os.path.isabs(command) and os.path.isfile(command):
+        return command
+    if candidate.is_file():  # /usr/local/bin/finetune-worker in the image -> the venv's script
+        return str(candidate)
+    found = shutil.which(Path(command).name)
+    if found is None:
+        raise FileNotFoundError(f"executable {command!r} not found in {bin_dir} or on PATH")
+    return found
 
 
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
