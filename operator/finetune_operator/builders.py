@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .contract import API_VERSION, CONFIG_ENV, DEFAULT_WORKSPACE, EXPORT_DIR, GROUP, KIND
+from .contract import API_VERSION, CONFIG_ENV, DEFAULT_WORKSPACE, EXPORT_DIR, GROUP, KIND, SOURCE_EXPORT_ENV
 from .spec import FineTuneSpec
 
 LABEL_JOB = f"{GROUP}/job"
@@ -29,9 +29,8 @@ WORKER_COMMAND = "finetune-worker"
 WORKSPACE_VOLUME = "workspace"
 SOURCE_VOLUME = "source-workspace"
 # spec.model.fromJob: the source job's export is mounted read-only at <JOBS_ROOT>/<job>/export and
-# the worker (finetune_worker.modelsrc) finds it through this env var.
+# SOURCE_EXPORT_ENV names that mount for the worker (finetune_worker.modelsrc).
 JOBS_ROOT = "/finetune/jobs"
-JOBS_ROOT_ENV = "FINETUNE_JOBS_ROOT"
 CONTAINER_NAME = "worker"
 WORKER_UID = 1000
 CONFIG_ENV_MAX_BYTES = 100 * 1024  # what we allow in one env var (the kubelet's limit is near 128 KiB)
@@ -160,8 +159,8 @@ def build_pod(
         image: the operator's default worker image (spec.image wins).
         grace_seconds: terminationGracePeriodSeconds, long enough for a checkpoint on SIGTERM.
         source: the fromJob source: its claim's `export/` is mounted read-only at
-            `JOBS_ROOT/<job>/export` (one volume when it is this job's claim too) and
-            `FINETUNE_JOBS_ROOT` tells the worker where to look.
+            `JOBS_ROOT/<job>/export`, and `FINETUNE_SOURCE_EXPORT` names that mount for the
+            worker (reconcile refuses a source on this job's own claim).
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
@@ -198,13 +197,12 @@ def build_pod(
         {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name(name, spec)}}
     ]
     if source is not None:
-        volume = WORKSPACE_VOLUME if source.claim == claim_name(name, spec) else SOURCE_VOLUME
-        if volume == SOURCE_VOLUME:
-            volumes.append({"name": SOURCE_VOLUME,
-                            "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}})  # fmt: skip
-        container["volumeMounts"].append({"name": volume, "mountPath": f"{JOBS_ROOT}/{source.job}/{EXPORT_DIR}",
+        mount = f"{JOBS_ROOT}/{source.job}/{EXPORT_DIR}"
+        volumes.append({"name": SOURCE_VOLUME,
+                        "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}})  # fmt: skip
+        container["volumeMounts"].append({"name": SOURCE_VOLUME, "mountPath": mount,
                                           "subPath": EXPORT_DIR, "readOnly": True})  # fmt: skip
-        container["env"].append({"name": JOBS_ROOT_ENV, "value": JOBS_ROOT})
+        container["env"].append({"name": SOURCE_EXPORT_ENV, "value": mount})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,

@@ -39,6 +39,11 @@ EXPORT_FORMATS = ("sentence-transformers", "huggingface", "adapter")
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_SUMMARY_MAX_BYTES = 4096
 CONFIG_ENV = "FINETUNE_CONFIG"
+# spec.model.fromJob: the pod's mount of the source job's export/ (read-only); the worker loads
+# `<FINETUNE_SOURCE_EXPORT>/sentence-transformers`. Run by hand, FINETUNE_JOBS_ROOT may name a
+# directory holding `<job>/export/` instead (default: the workspace's parent).
+SOURCE_EXPORT_ENV = "FINETUNE_SOURCE_EXPORT"
+JOBS_ROOT_ENV = "FINETUNE_JOBS_ROOT"
 CONFIG_MOUNT = "/etc/finetune/config.yaml"
 
 # Progress lines on stdout are JSON objects with this key set to PROGRESS_EVENT, e.g.

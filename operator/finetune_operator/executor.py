@@ -15,10 +15,7 @@ What a pod becomes here:
     what makes resume-from-checkpoint work); `emptyDir` and any other kind -> a fresh directory under
     `pods/<name>/volumes/`. Every arg, env value and workingDir equal to or under a `mountPath`
     (also as the value of `--flag=PATH`) is rewritten to the local directory (`subPath` honoured).
-    Directories above mount points that exist neither as a mount nor on this host (`/finetune/jobs`
-    above a fromJob source's `/finetune/jobs/<job>/export`) are built under `pods/<name>/rootfs/`
-    with the mounts as symlinks, and paths at or under them are rewritten there. `readOnly` is not
-    enforced: the processes run as this user.
+    `readOnly` is not enforced: the processes run as this user.
   - stdout+stderr -> `pods/<name>/log`; status is a Kubernetes PodStatus dict.
   - `resources.limits.memory` is enforced like the kernel's cgroup OOM killer: a pod whose process
     tree's RSS goes over the limit is SIGKILLed and reported as `OOMKilled`, exit code 137.

@@ -32,7 +32,7 @@ from .builders import DEFAULT_WORKER_IMAGE, LABEL_JOB, claim_name
 from .contract import API_VERSION, GROUP, PLURAL, VERSION
 from .kube import SERVER_ENV, ApiError, Kube
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
-from .reconcile import Plan, Settings, reconcile
+from .reconcile import Plan, Settings, reconcile, recorded_source
 from .spec import SpecError, parse_spec
 from .status import TERMINAL_PHASES
 
@@ -98,8 +98,10 @@ async def observe(kube: Kube, job: dict[str, Any]) -> Observed:
     claim = claim_name(meta["name"], spec)
     claim_exists = await kube.get("v1", "persistentvolumeclaims", ns, claim) is not None
     source = None
-    if spec.model.from_job and spec.model.from_job != meta["name"]:
-        source = await kube.get(API_VERSION, PLURAL, ns, spec.model.from_job)
+    status = job.get("status") or {}
+    if (spec.model.from_job and spec.model.from_job != meta["name"] and status.get("phase") not in TERMINAL_PHASES
+            and recorded_source(status, spec.model.from_job) is None):  # fmt: skip
+        source = await kube.get(API_VERSION, PLURAL, ns, spec.model.from_job)  # reconcile judges it
     return Observed(pods=tuple(observations), claim_exists=claim_exists, source_job=source)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
 import re
 import shutil
 from collections.abc import Callable
@@ -50,38 +49,13 @@ def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
     return value
 
 
-def synthesized_parents(
-    mount_paths: list[str], host_has: Callable[[str], bool] = os.path.exists
-) -> list[str]:
-    """Container directories above mount points that are neither a mount nor on this host, e.g.
-    `/finetune/jobs` and `/finetune/jobs/prev` above a mount at `/finetune/jobs/prev/export`.
-
-    In a container they exist (the runtime creates mount points); here the executor builds them
-    per pod, with the mounts as symlinks, so a path such as FINETUNE_JOBS_ROOT=/finetune/jobs maps
-    to a directory in which `prev/export` leads to the claim's local directory. The host's own
-    directories (`/`, `/tmp`, ...) stand for the image's and are left alone.
-    """
-    mounts = {m.rstrip("/") or "/" for m in mount_paths}
-    out: set[str] = set()
-    for m in mounts:
-        parent = posixpath.dirname(m)
-        while parent not in ("/", ""):
-            inside = any(parent == o or parent.startswith(o.rstrip("/") + "/") for o in mounts)
-            if not inside and not host_has(parent):
-                out.add(parent)
-            parent = posixpath.dirname(parent)
-    return sorted(out)
-
-
 def volume_mounts(
     pod: dict[str, Any], container: dict[str, Any], pod_dir: Path, pvc_dir: Callable[[str], Path]
 ) -> list[tuple[str, str]]:
     """(mountPath, local directory) for each of the container's volumeMounts, deepest first.
 
     A persistentVolumeClaim maps to `pvc_dir(claimName)`; emptyDir and every other kind to a fresh
-    directory under `pod_dir/volumes/`; `subPath` is honoured. Directories above mount points that
-    exist neither as a mount nor on this host are built under `pod_dir/rootfs/`, with the mounts
-    in them as symlinks, and mapped too (see `synthesized_parents`). Creates the directories.
+    directory under `pod_dir/volumes/`; `subPath` is honoured. Creates the directories.
     """
     volumes: dict[str, Path] = {}
     for vol in (pod.get("spec") or {}).get("volumes") or []:
@@ -98,16 +72,6 @@ def volume_mounts(
         local = volumes[m["name"]] / m["subPath"] if m.get("subPath") else volumes[m["name"]]
         local.mkdir(parents=True, exist_ok=True)
         mounts.append((m["mountPath"].rstrip("/") or "/", str(local)))
-    parents = synthesized_parents([path for path, _ in mounts])
-    rootfs = pod_dir / "rootfs"
-    for path, local in list(mounts):
-        if posixpath.dirname(path) in parents:
-            link = rootfs / path.lstrip("/")
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(local, target_is_directory=True)
-    for parent in parents:
-        (rootfs / parent.lstrip("/")).mkdir(parents=True, exist_ok=True)
-        mounts.append((parent, str(rootfs / parent.lstrip("/"))))
     return sorted(mounts, key=lambda mp: len(mp[0]), reverse=True)  # the deepest mount wins
 
 

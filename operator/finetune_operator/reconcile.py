@@ -211,6 +211,14 @@ def _run(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObservat
     return _launch(p, spec, role, observed, source)
 
 
+def recorded_source(status: dict[str, Any], job: str) -> SourceWorkspace | None:
+    """The fromJob source recorded in status when training first started from it, if any."""
+    rec = status.get("source") or {}
+    if isinstance(rec, dict) and rec.get("job") == job and rec.get("claim"):
+        return SourceWorkspace(job=job, claim=str(rec["claim"]))
+    return None
+
+
 def _source_workspace(
     p: Pass, spec: FineTuneSpec, role: str, observed: Observed, live: list[PodObservation]
 ) -> SourceWorkspace | Plan:
@@ -219,11 +227,12 @@ def _source_workspace(
     field = "spec.model.fromJob"
     if name == me:
         return _invalid(p, live, S.REASON_INVALID_SPEC, f"{field}: a job cannot continue from itself")
-    recorded = p.st.get("source") or {}
-    if role == ROLE_EXPORT and recorded.get("job") == name and recorded.get("claim"):
-        # the export merges onto the export training started from, even if the source job has
-        # been deleted (its claim is kept by default) or re-created since
-        return SourceWorkspace(job=name, claim=str(recorded["claim"]))
+    recorded = recorded_source(p.st, name)
+    if recorded is not None:
+        # every later attempt (a resumed training pod, the export) starts from the model the first
+        # training pod started from, even if the source job has been deleted (its claim is kept
+        # by default) or re-created since
+        return recorded
     src = observed.source_job
     if src is None:
         ns = p.job["metadata"].get("namespace") or "default"
@@ -289,7 +298,7 @@ def _launch(
     st.pop("nextAttemptAfter", None)
     st.setdefault("startTime", p.ts)
     if source is not None and role == ROLE_TRAIN:
-        st["source"] = {"job": source.job, "claim": source.claim}
+        st.setdefault("source", {"job": source.job, "claim": source.claim})
     if role == ROLE_EXPORT:
         p.event("Normal", "ExportStarted", f"created export pod {name} (attempt {attempt})")
         p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {name} is pending")

@@ -3,12 +3,13 @@
 `resolve_base_model` turns `spec.model` into something loadable: a local directory or a hub id.
 `load_sentence_transformer` loads it on the right device with the spec's options.
 
-`spec.model.fromJob: J` continues from J's export: `<FINETUNE_JOBS_ROOT>/J/export/sentence-transformers`.
-The operator waits until J has Succeeded, then mounts J's workspace claim (`export/`, read-only) at
-`/finetune/jobs/J/export` in the training pod (and in a LoRA job's export pod, which merges onto it)
-and sets FINETUNE_JOBS_ROOT=/finetune/jobs; `finetune-operator local A.yaml B.yaml` maps that mount
-to A's local claim directory. Run by hand, set FINETUNE_JOBS_ROOT to a directory holding
-`J/export/`; unset, it is the workspace's parent (sibling workspaces named after their jobs).
+`spec.model.fromJob: J` continues from J's export, `<export>/sentence-transformers`. The operator
+waits until J has Succeeded, then mounts J's workspace claim (`export/`, read-only) in the training
+pod (and in a LoRA job's export pod, which merges onto it) and names the mount in
+FINETUNE_SOURCE_EXPORT; `finetune-operator local A.yaml B.yaml` maps that mount to A's local claim
+directory. Run by hand, set FINETUNE_SOURCE_EXPORT, or FINETUNE_JOBS_ROOT to a directory holding
+`J/export/`; with neither, it is looked for next to the workspace (sibling workspaces named after
+their jobs).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.builders import JOBS_ROOT_ENV  # the operator sets it in the pods it builds
-from finetune_operator.contract import EXPORT_DIR
+from finetune_operator.contract import EXPORT_DIR, JOBS_ROOT_ENV, SOURCE_EXPORT_ENV
 from finetune_operator.spec import BUILTIN_PREFIX, FineTuneSpec
 
 from .errors import InvalidInput
@@ -52,11 +52,12 @@ def resolve_base_model(spec: FineTuneSpec, workspace: Path) -> str:
     """
     m = spec.model
     if m.from_job:
-        root = Path(os.environ[JOBS_ROOT_ENV]) if os.environ.get(JOBS_ROOT_ENV) else Path(workspace).parent
-        path = root / m.from_job / EXPORT_DIR / "sentence-transformers"
+        mounted, root = os.environ.get(SOURCE_EXPORT_ENV), os.environ.get(JOBS_ROOT_ENV)
+        export = Path(mounted) if mounted else Path(root or Path(workspace).parent) / m.from_job / EXPORT_DIR
+        path = export / "sentence-transformers"
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-            unset = f"; {JOBS_ROOT_ENV} is unset, so it was looked for next to the workspace"
-            where = "" if os.environ.get(JOBS_ROOT_ENV) else unset
+            unset = f"; neither {SOURCE_EXPORT_ENV} nor {JOBS_ROOT_ENV} is set, so it was looked for next to the workspace"
+            where = "" if mounted or root else unset
             raise InvalidInput(
                 f"spec.model.fromJob: job {m.from_job!r} has no sentence-transformers export at {path} "
                 f"(has it succeeded, with 'sentence-transformers' in export.formats?){where}"

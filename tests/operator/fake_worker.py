@@ -120,8 +120,9 @@ def export(ws: Path, cfg: dict) -> int:
 def source_export(ws: Path, spec: dict) -> str | None:
     """Where the real worker finds `model.fromJob`'s export (modelsrc.py), or a failure message."""
     src = (spec.get("model") or {}).get("fromJob")
-    root = Path(os.environ.get("FINETUNE_JOBS_ROOT") or ws.parent)
-    path = root / src / "export" / "sentence-transformers"
+    mounted = os.environ.get("FINETUNE_SOURCE_EXPORT")
+    export = Path(mounted) if mounted else Path(os.environ.get("FINETUNE_JOBS_ROOT") or ws.parent) / src / "export"
+    path = export / "sentence-transformers"
     return None if path.is_dir() else f"spec.model.fromJob: job {src!r} has no sentence-transformers export at {path}"
 
 

@@ -239,7 +239,7 @@ def test_from_job_waits_for_its_source_then_trains_on_its_mounted_export(
 ) -> None:
     """Both applied at once (as an Argo CD sync would): the continuation waits, without a pod, until
     the source Succeeded, then its pods mount the source's export read-only and find it (the fake
-    worker exits 2 like the real one when the export is not where FINETUNE_JOBS_ROOT says)."""
+    worker exits 2 like the real one when the export is not where FINETUNE_SOURCE_EXPORT says)."""
     configure(cluster, "src-workspace", steps=30, stepSeconds=0.1)
     configure(cluster, "cont-workspace", steps=5)
     cluster.create(finetune_job("src", spec()))
@@ -257,7 +257,7 @@ def test_from_job_waits_for_its_source_then_trains_on_its_mounted_export(
     src_volume = next(n for n, c in claims.items() if c == "src-workspace")
     mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == src_volume)
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-    assert mount["readOnly"] is True and mount["mountPath"].startswith(env["FINETUNE_JOBS_ROOT"] + "/src")
+    assert mount["readOnly"] is True and mount["mountPath"] == env["FINETUNE_SOURCE_EXPORT"]
     assert "WaitingForSourceJob" in reasons(cluster, "cont")
 
 

@@ -1,5 +1,6 @@
 """spec.model.fromJob: the decisions reconcile takes from the source job (wait, fail, mount), the
-pods it builds (the source's export mounted read-only, FINETUNE_JOBS_ROOT), and the handler's read."""
+pods it builds (the source's export mounted read-only, named by FINETUNE_SOURCE_EXPORT), and the
+handler's read."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def test_a_job_that_was_waiting_starts_once_the_source_succeeded_with_its_export
     pod = plan.create[1]
     mounts, env = mounts_and_env(pod)
     assert {"name": "source-workspace", "mountPath": MOUNT, "subPath": "export", "readOnly": True} in mounts
-    assert {"name": "workspace", "mountPath": "/workspace"} in mounts and env["FINETUNE_JOBS_ROOT"] == JOBS_ROOT
+    assert {"name": "workspace", "mountPath": "/workspace"} in mounts and env["FINETUNE_SOURCE_EXPORT"] == MOUNT
     assert pod["spec"]["volumes"] == [
         {"name": "workspace", "persistentVolumeClaim": {"claimName": "next-workspace"}},
         {"name": "source-workspace", "persistentVolumeClaim": {"claimName": "prev-workspace", "readOnly": True}},
@@ -145,7 +146,7 @@ def test_a_lora_export_mounts_the_source_training_started_from() -> None:
     assert j["status"]["source"] == {"job": "prev", "claim": "prev-workspace"}
     _, plan = step(j, SUCCEEDED, pods, claim=True)
     mounts, env = mounts_and_env(plan.create[0])
-    assert plan.create[0]["metadata"]["name"] == "next-export-1" and env["FINETUNE_JOBS_ROOT"] == JOBS_ROOT
+    assert plan.create[0]["metadata"]["name"] == "next-export-1" and env["FINETUNE_SOURCE_EXPORT"] == MOUNT
     assert any(m["mountPath"] == MOUNT and m["readOnly"] for m in mounts)
     # the source job was deleted after training (its claim is retained by default) or re-created on
     # another claim: the export still merges onto the export training started from
@@ -171,7 +172,23 @@ def test_a_full_fine_tune_exports_without_the_source() -> None:
     _, plan = step(j, None, (done,), claim=True)
     mounts, env = mounts_and_env(plan.create[0])
     assert plan.create[0]["metadata"]["name"] == "next-export-1"
-    assert "FINETUNE_JOBS_ROOT" not in env and [m["mountPath"] for m in mounts] == ["/workspace"]
+    assert "FINETUNE_SOURCE_EXPORT" not in env and [m["mountPath"] for m in mounts] == ["/workspace"]
+
+
+def test_a_resumed_training_pod_starts_from_the_recorded_source() -> None:
+    """Preempted after the source job was deleted or re-created elsewhere: the next training pod
+    resumes on the model the first one started from, it does not wait or switch bases."""
+    j, _ = step(job(spec={"lora": {"r": 4}}), SUCCEEDED)
+    preempted = (PodObservation(name="next-train-1", role="train", attempt=1, phase="Failed",
+                                result="preempted", exit_code=75),)  # fmt: skip
+    moved = source("Succeeded", {"storage": {"claimName": "elsewhere"}}, export=SUCCEEDED["status"]["export"])
+    for src in (None, moved):
+        after, plan = step(j, src, preempted, claim=True)
+        pods = [o for o in plan.create if o["kind"] == "Pod"]
+        assert [p["metadata"]["name"] for p in pods] == ["next-train-2"], after["status"].get("message")
+        assert {"name": "source-workspace", "persistentVolumeClaim": {"claimName": "prev-workspace", "readOnly": True}} \
+            in pods[0]["spec"]["volumes"]
+        assert after["status"]["source"] == {"job": "prev", "claim": "prev-workspace"}
 
 
 def test_a_running_training_pod_is_left_alone_when_the_source_disappears() -> None:
@@ -183,30 +200,17 @@ def test_a_running_training_pod_is_left_alone_when_the_source_disappears() -> No
 
 def test_a_job_without_from_job_builds_the_pod_it_always_did() -> None:
     plain = job(spec={"model": {"base": "builtin:all-MiniLM-L6-v2"}})
-    spec = parse_spec(plain["spec"])
-    assert build_pod(plain, spec, "train", 1) == build_pod(plain, spec, "train", 1, source=None)
-    mounts, env = mounts_and_env(build_pod(plain, spec, "train", 1))
-    assert len(mounts) == 1 and "FINETUNE_JOBS_ROOT" not in env
+    mounts, env = mounts_and_env(build_pod(plain, parse_spec(plain["spec"]), "train", 1))
+    assert len(mounts) == 1 and "FINETUNE_SOURCE_EXPORT" not in env
 
 
-def test_a_source_on_this_jobs_claim_is_mounted_from_the_one_volume() -> None:
-    j = job(spec={"storage": {"claimName": "shared"}})
-    pod = build_pod(j, parse_spec(j["spec"]), "train", 1, source=SourceWorkspace(job="prev", claim="shared"))
-    assert pod["spec"]["volumes"] == [{"name": "workspace", "persistentVolumeClaim": {"claimName": "shared"}}]
-    assert pod["spec"]["containers"][0]["volumeMounts"] == [
-        {"name": "workspace", "mountPath": "/workspace"},
-        {"name": "workspace", "mountPath": MOUNT, "subPath": "export", "readOnly": True},
-    ]
-
-
-@pytest.mark.parametrize("same_claim", [False, True])
-def test_pods_with_a_source_mount_are_valid_kubernetes_and_keep_their_security_settings(same_claim: bool) -> None:
+def test_pods_with_a_source_mount_are_valid_kubernetes_and_keep_their_security_settings() -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     from test_manifests import K8S_VERSIONS
 
-    j = job(spec={"lora": {"r": 4}, **({"storage": {"claimName": "shared"}} if same_claim else {})})
+    j = job(spec={"lora": {"r": 4}})
     spec = parse_spec(j["spec"])
-    src = SourceWorkspace(job="prev", claim="shared" if same_claim else "prev-workspace")
+    src = SourceWorkspace(job="prev", claim="prev-workspace")
     for role in ("train", "export"):
         pod = build_pod(j, spec, role, 1, source=src)
         for version in K8S_VERSIONS:
@@ -229,6 +233,14 @@ class ReadingKube:
     async def get(self, api_version: str, plural: str, ns: str, name: str) -> dict[str, Any] | None:
         self.gets.append((plural, ns, name))
         return self.jobs.get((ns, name)) if plural == "finetunejobs" else None
+
+
+def test_the_handler_reads_the_source_only_while_a_launch_may_need_it() -> None:
+    recorded = job(status={"phase": "Training", "source": {"job": "prev", "claim": "prev-workspace"}})
+    for j in (recorded, job(status={"phase": "Succeeded"})):
+        kube = ReadingKube({("ml", "prev"): SUCCEEDED})
+        observed = asyncio.run(handlers.observe(kube, j))  # type: ignore[arg-type]
+        assert observed.source_job is None and not any(g[0] == "finetunejobs" for g in kube.gets)
 
 
 def test_the_handler_reads_the_source_job_from_the_same_namespace() -> None:

@@ -135,10 +135,10 @@ NEXT = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata"
 
 
 def test_a_from_job_continuation_waits_for_its_source_and_reads_its_export(tmp_path: Path, fake_bin: Path) -> None:
-    shown = tmp_path / "bin2"  # the fake worker, after listing what FINETUNE_JOBS_ROOT shows of prev
+    shown = tmp_path / "bin2"  # the fake worker, after listing what FINETUNE_SOURCE_EXPORT shows
     shown.mkdir()
     (shown / "finetune-worker").write_text(
-        '#!/bin/sh\n[ -n "$FINETUNE_JOBS_ROOT" ] && echo "root=$FINETUNE_JOBS_ROOT" && ls "$FINETUNE_JOBS_ROOT/prev/export"\n'
+        '#!/bin/sh\n[ -n "$FINETUNE_SOURCE_EXPORT" ] && echo "src=$FINETUNE_SOURCE_EXPORT" && ls "$FINETUNE_SOURCE_EXPORT"\n'
         f'exec "{fake_bin / "finetune-worker"}" "$@"\n'
     )
     (shown / "finetune-worker").chmod(0o755)
@@ -157,10 +157,9 @@ def test_a_from_job_continuation_waits_for_its_source_and_reads_its_export(tmp_p
     first_next_training = next(i for i, row in enumerate(rows) if row[0] == "next" and row[1] == "Training")
     assert [row[1] for row in rows[:first_next_training] if row[0] == "prev"][-1] == "Succeeded"
     log = r.executor.logs("next-train-1")
-    root = log.split("root=", 1)[1].splitlines()[0]
-    assert root.startswith(str(tmp_path / "work" / "pods" / "next-train-1"))  # a built dir, not /finetune/jobs
+    src = log.split("src=", 1)[1].splitlines()[0]
+    assert Path(src) == tmp_path / "work" / "pvcs" / "prev-workspace" / "export"  # the mount, mapped here
     assert "metadata.json" in log and "sentence-transformers" in log
-    assert (Path(root) / "prev" / "export").resolve() == tmp_path / "work" / "pvcs" / "prev-workspace" / "export"
     assert "metadata.json" in r.executor.logs("next-export-1")  # a LoRA export merges onto the source
     for name in ("prev", "next"):
         assert json.loads((tmp_path / "work" / "status" / f"{name}.json").read_text())["phase"] == "Succeeded"
@@ -201,20 +200,15 @@ def test_jobs_that_cannot_run_together_are_refused_before_anything_starts(
     assert said in out.getvalue() and not (tmp_path / "w" / "pods").exists()
 
 
-def test_a_mount_below_a_directory_the_host_lacks_is_reachable_from_that_directory(tmp_path: Path) -> None:
+def test_a_read_only_sub_path_mount_of_another_claim_is_reachable_through_its_env_var(tmp_path: Path) -> None:
     from finetune_operator.executor import LocalPodExecutor
-    from finetune_operator.podlocal import synthesized_parents
 
-    assert synthesized_parents(["/workspace", "/finetune/jobs/prev/export"], lambda p: False) == [
-        "/finetune", "/finetune/jobs", "/finetune/jobs/prev"]  # fmt: skip
-    assert synthesized_parents(["/workspace", "/workspace/a/b"], lambda p: False) == []  # inside a mount
-    assert synthesized_parents(["/tmp/x/y"], lambda p: p == "/tmp") == ["/tmp/x"]  # the host's dirs stay
     with LocalPodExecutor(tmp_path) as ex:
         (ex.pvc_dir("prev-workspace") / "export").mkdir()
         (ex.pvc_dir("prev-workspace") / "export" / "model.txt").write_text("weights")
         ex.start({"metadata": {"name": "p"}, "spec": {
-            "containers": [{"name": "c", "command": ["sh", "-c", "cat $(ROOT)/prev/export/model.txt"],
-                            "env": [{"name": "ROOT", "value": "/finetune/jobs"}],
+            "containers": [{"name": "c", "command": ["sh", "-c", "cat $(SRC)/model.txt"],
+                            "env": [{"name": "SRC", "value": "/finetune/jobs/prev/export"}],
                             "volumeMounts": [{"name": "src", "mountPath": "/finetune/jobs/prev/export",
                                               "subPath": "export", "readOnly": True}]}],
             "volumes": [{"name": "src", "persistentVolumeClaim": {"claimName": "prev-workspace", "readOnly": True}}],
