@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from finetune_operator.spec import FineTuneSpec
 
 from .errors import InvalidInput
-from .export.safeio import is_enodev, note_mmap_fallback
+from .export.safeio import without_mmap_on_enodev
 
 if TYPE_CHECKING:
     import torch
@@ -64,15 +64,15 @@ def build_loss(spec: FineTuneSpec, model: SentenceTransformer) -> torch.nn.Modul
         return losses.MatryoshkaLoss(model, inner, matryoshka_dims=list(params["matryoshkaDims"]),
                                      matryoshka_weights=list(weights) if weights else None)
     if name == "DenoisingAutoEncoderLoss":
-        try:
-            try:
+        def without_mmap() -> torch.nn.Module:
+            with _decoder_without_mmap():
                 return losses.DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True)
-            except OSError as e:  # errno 19: the decoder's weights cannot be memory-mapped here
-                if not is_enodev(e):
-                    raise
-                note_mmap_fallback(getattr(getattr(model, "transformers_model", None), "name_or_path", "the decoder"), e)
-                with _decoder_without_mmap():
-                    return losses.DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True)
+
+        try:  # errno 19: the decoder's weights cannot be memory-mapped here
+            return without_mmap_on_enodev(
+                lambda: losses.DenoisingAutoEncoderLoss(model, tie_encoder_decoder=True), without_mmap,
+                getattr(getattr(model, "transformers_model", None), "name_or_path", "the decoder"),
+            )  # fmt: skip
         except (ValueError, OSError, AssertionError) as e:
             raise InvalidInput(f"spec.training.loss: DenoisingAutoEncoderLoss cannot build a decoder for this model: {e}") from None
     return _simple(name, model, params)

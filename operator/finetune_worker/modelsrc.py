@@ -23,7 +23,7 @@ from finetune_operator.contract import EXPORT_DIR, JOBS_ROOT_ENV, SOURCE_EXPORT_
 from finetune_operator.spec import BUILTIN_PREFIX, FineTuneSpec
 
 from .errors import InvalidInput
-from .export.safeio import is_enodev, note_mmap_fallback
+from .export.safeio import without_mmap_on_enodev
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -102,13 +102,11 @@ def load_sentence_transformer(path_or_id: str, spec: FineTuneSpec, device: str |
     if spec.model.revision:
         kwargs["revision"] = spec.model.revision
     try:
-        try:
-            model = SentenceTransformer(path_or_id, **kwargs)
-        except OSError as e:  # errno 19: this filesystem cannot mmap; read the weights into memory
-            if not is_enodev(e):
-                raise
-            note_mmap_fallback(path_or_id, e)
-            model = SentenceTransformer(path_or_id, **kwargs, model_kwargs={"disable_mmap": True})
+        model = without_mmap_on_enodev(  # errno 19: this filesystem cannot mmap; read into memory
+            lambda: SentenceTransformer(path_or_id, **kwargs),
+            lambda: SentenceTransformer(path_or_id, **kwargs, model_kwargs={"disable_mmap": True}),
+            path_or_id,
+        )
     except (OSError, ValueError) as e:
         local = Path(path_or_id).exists()
         if local or _offline():

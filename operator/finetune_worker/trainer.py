@@ -26,7 +26,7 @@ from finetune_operator.contract import checkpoint_name
 
 from .callbacks import fault
 from .checkpoints import checkpoints_dir, publish_dir, rotate, staging_for
-from .export.safeio import is_enodev, load_file, note_mmap_fallback
+from .export.safeio import load_file, without_mmap_on_enodev
 from .losses import load_loss_state, save_loss_state
 from .summary import emit
 
@@ -89,13 +89,12 @@ class ResumableTrainer(SentenceTransformerTrainer):
         if self.ft_lora:
             load_adapter_weights(self.model, path)
         else:
-            try:
-                super()._load_from_checkpoint(checkpoint_path)
-            except OSError as e:  # errno 19: the workspace cannot mmap
-                if not is_enodev(e):
-                    raise
-                note_mmap_fallback(path, e)
-                load_full_checkpoint_without_mmap(self.model, path)
+            stock = super()._load_from_checkpoint
+            without_mmap_on_enodev(  # errno 19: the workspace cannot mmap
+                lambda: stock(checkpoint_path),
+                lambda: load_full_checkpoint_without_mmap(self.model, path),
+                path,
+            )
         load_loss_state(self._ft_loss(), path)
 
     def _ft_loss(self) -> torch.nn.Module:

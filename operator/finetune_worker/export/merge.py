@@ -349,15 +349,13 @@ def peft_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_bytes
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModel
 
-    from .safeio import is_enodev, note_mmap_fallback
+    from .safeio import without_mmap_on_enodev
 
-    try:
-        model = AutoModel.from_pretrained(str(base_dir))
-    except OSError as e:
-        if not is_enodev(e):
-            raise
-        note_mmap_fallback(base_dir, e)
-        model = AutoModel.from_pretrained(str(base_dir), disable_mmap=True)
+    model = without_mmap_on_enodev(
+        lambda: AutoModel.from_pretrained(str(base_dir)),
+        lambda: AutoModel.from_pretrained(str(base_dir), disable_mmap=True),
+        base_dir,
+    )
     lcfg = PeftConfig.from_pretrained(str(adapter_dir))
     pm = get_peft_model(model, lcfg)
     weights = load_file(adapter_dir / ADAPTER_WEIGHTS)

@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,18 @@ def load_file(path: Path) -> dict[str, Any]:
             raise
         note_mmap_fallback(path, e)
         return load(Path(path).read_bytes())
+
+
+def without_mmap_on_enodev(load: Callable[[], T], fallback: Callable[[], T], path: str | Path) -> T:
+    """`load()`; where it fails because the filesystem cannot memory-map (errno 19, anywhere in the
+    cause chain), note that once for `path` and return `fallback()`, which reads without mmap."""
+    try:
+        return load()
+    except Exception as e:
+        if not is_enodev(e):
+            raise
+        note_mmap_fallback(path, e)
+        return fallback()
 
 
 def note_mmap_fallback(path: str | Path, err: BaseException) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from finetune_operator.spec import FineTuneSpec
 
-from .safeio import is_enodev, load_file, note_mmap_fallback
+from .safeio import load_file, without_mmap_on_enodev
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,11 @@ def load_st(path: Path, spec: FineTuneSpec) -> Any:
     from sentence_transformers import SentenceTransformer
 
     kwargs = {"device": "cpu", "trust_remote_code": spec.model.trust_remote_code}
-    try:
-        return SentenceTransformer(str(path), **kwargs)
-    except Exception as e:
-        if not is_enodev(e):
-            raise
-        note_mmap_fallback(path, e)
-        return SentenceTransformer(str(path), model_kwargs={"disable_mmap": True}, **kwargs)
+    return without_mmap_on_enodev(
+        lambda: SentenceTransformer(str(path), **kwargs),
+        lambda: SentenceTransformer(str(path), model_kwargs={"disable_mmap": True}, **kwargs),
+        path,
+    )
 
 
 def load_hf(path: Path, spec: FineTuneSpec) -> Any:
@@ -65,13 +63,11 @@ def load_hf(path: Path, spec: FineTuneSpec) -> Any:
     from transformers import AutoModel
 
     kwargs = {"trust_remote_code": spec.model.trust_remote_code}
-    try:
-        model = AutoModel.from_pretrained(str(path), **kwargs)
-    except Exception as e:
-        if not is_enodev(e):
-            raise
-        note_mmap_fallback(path, e)
-        model = AutoModel.from_pretrained(str(path), disable_mmap=True, **kwargs)
+    model = without_mmap_on_enodev(
+        lambda: AutoModel.from_pretrained(str(path), **kwargs),
+        lambda: AutoModel.from_pretrained(str(path), disable_mmap=True, **kwargs),
+        path,
+    )
     return model.eval()
 
 
