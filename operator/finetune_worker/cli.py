@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
+    """Run one command. `exiting`: the process ends when this returns (the console script), so the
+    SIGTERM watch stays installed: interpreter shutdown with torch loaded takes a while, and a
+    SIGTERM then must not turn a finished run into an exit by signal (143)."""
     watch = PreemptionWatch().install()  # first: everything below may be slow (a SIGTERM now still counts)
     try:
         from finetune_operator.spec import SpecError, load_config
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INVALID
         return _run(args.command, spec, metadata, workspace, watch)
     finally:
-        watch.uninstall()
+        if not exiting:  # an in-process caller gets its own signal handling back
+            watch.uninstall()
 
 
 def _run(command: str, spec: FineTuneSpec, metadata: dict[str, object], workspace: Path,
@@ -81,5 +85,10 @@ def _run(command: str, spec: FineTuneSpec, metadata: dict[str, object], workspac
     return run_export(spec, workspace, metadata=metadata, watch=watch)
 
 
+def run() -> None:
+    """The `finetune-worker` console script."""
+    sys.exit(main(exiting=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -86,8 +86,20 @@ def _stopped_before_training(watch: PreemptionWatch, checkpoint: str | None, res
                    resumed_from=resumed_from)
 
 
+def _newest_usable_checkpoint(workspace: Path, needs: tuple[str, ...]) -> Path | None:
+    """The checkpoint to resume from; the damaged ones newer than it are removed (left in place they
+    would outrank good ones in rotation, and nothing can use them)."""
+    from .checkpoints import checkpoints_dir, resolve_resume_checkpoint
+
+    resume, skipped = resolve_resume_checkpoint(workspace, needs)
+    for name, why in skipped:
+        emit("checkpointSkipped", name=name, reason=why, removed=True)
+        shutil.rmtree(checkpoints_dir(workspace) / name, ignore_errors=True)
+    return resume
+
+
 def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
-    from .checkpoints import checkpoints_dir, clean_staging, list_checkpoints, resolve_resume_checkpoint
+    from .checkpoints import clean_staging, list_checkpoints
     from .data import load_training_data
     from .modelsrc import resolve_base_model
 
@@ -99,7 +111,10 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     for name in clean_staging(workspace):  # first: it renames back a final/ that a killed re-publish parked
         emit("cleaned", name=name)
     done = _completed(workspace / FINAL_DIR)
-    if done is not None:
+    if done is not None:  # nothing to train; still leave no damaged checkpoint newer than a good one
+        from .losses import LOSS_STATE_FILE
+
+        _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if spec.training.loss == "DenoisingAutoEncoderLoss" else ())
         return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=done.get("steps"), checkpoint=FINAL_DIR,
                        message="already trained: final/ exists")
     if watch.requested:  # SIGTERM during start-up: don't load the model only to drop it
@@ -116,11 +131,7 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     if spec.lora is not None:
         _add_lora(model, spec)
     loss = build_loss(spec, model)
-    resume, skipped = resolve_resume_checkpoint(workspace, (LOSS_STATE_FILE,) if has_loss_state(loss) else ())
-    for name, why in skipped:
-        # unusable, and newer than anything this run saves soon: left in place it would outrank good ones in rotation
-        emit("checkpointSkipped", name=name, reason=why, removed=True)
-        shutil.rmtree(checkpoints_dir(workspace) / name, ignore_errors=True)
+    resume = _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if has_loss_state(loss) else ())
     resumed_from = resume.name if resume is not None else None
     emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
          evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device))

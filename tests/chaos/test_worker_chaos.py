@@ -214,7 +214,7 @@ def test_training_killed_anywhere_resumes_to_identical_weights(
     assert diff <= TOLERANCE, f"{story}: final weights differ from an uninterrupted run by {diff}"
     assert staging_left(ws) == [], f"{story}: staging left: {staging_left(ws)}"
     left = checkpoints(ws)
-    assert left and all(checkpoint_fault(p) is None for p in left), [(p.name, checkpoint_fault(p)) for p in left]
+    assert left and all(checkpoint_fault(p) is None for p in left), (story, [(p.name, checkpoint_fault(p)) for p in left])
     assert len(left) <= spec["training"]["checkpoint"]["keep"], [p.name for p in left]
 
 

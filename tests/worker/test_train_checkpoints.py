@@ -146,6 +146,36 @@ def test_the_cli_module_loads_no_ml_library() -> None:
     assert out.stdout.strip() == "[]", out.stdout
 
 
+def test_a_finished_run_started_again_removes_a_damaged_newest_checkpoint(interrupted: tuple[Path, Path], tmp_path: Path) -> None:
+    """Found by the chaos suite (seed 20261201): checkpoint-12 damaged after the run had finished;
+    the rerun said "already trained" and left it, newer than every good checkpoint."""
+    cfg, src = interrupted
+    ws = tmp_path / "ws"
+    shutil.copytree(src, ws)
+    assert train(tmp_path, cfg, ws).rc == 0  # resumes from checkpoint-10 and finishes: final/, checkpoint-12
+    _truncate(ws / "checkpoints" / "checkpoint-12" / "model.safetensors", 0.9)
+    again = train(tmp_path, cfg, ws)
+    assert again.rc == 0 and again.summary and again.summary["message"] == "already trained: final/ exists"
+    assert [e["name"] for e in again.events("checkpointSkipped")] == ["checkpoint-12"]
+    assert "checkpoint-12" not in checkpoint_names(ws) and "checkpoint-10" in checkpoint_names(ws)
+
+
+def test_a_sigterm_while_the_process_shuts_down_does_not_change_its_exit_code(tmp_path: Path) -> None:
+    """Found by the chaos suite (seed 20261201): a SIGTERM after the run had finished, while the
+    interpreter was shutting down, killed it with -15 (the watch was uninstalled on return), so a
+    completed attempt looked failed. The console script keeps the watch to the end."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, os, signal; from finetune_worker import cli; "
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM)); "
+            "cli.run()")  # fmt: skip
+    argv = [sys.executable, "-c", code, "train", "--config", str(tmp_path / "missing.yaml"), "--workspace", str(tmp_path)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                         env={**__import__("os").environ, "FINETUNE_TERMINATION_LOG": str(tmp_path / "log")})  # fmt: skip
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])  # the config is missing: invalid, not killed
+
+
 def test_a_killed_replacement_puts_the_older_checkpoint_and_final_back(tmp_path: Path) -> None:
     """The two-rename fallback of publish_dir killed between its renames leaves the older copy parked
     as `.staging-old-<name>-<pid>`; the next start renames it back instead of deleting it as staging."""
