@@ -97,12 +97,16 @@ async def observe(kube: Kube, job: dict[str, Any]) -> Observed:
         return Observed(pods=tuple(observations), claim_exists=False)
     claim = claim_name(meta["name"], spec)
     claim_exists = await kube.get("v1", "persistentvolumeclaims", ns, claim) is not None
-    source = None
+    source, source_claim = None, None
     status = job.get("status") or {}
-    if (spec.model.from_job and spec.model.from_job != meta["name"] and status.get("phase") not in TERMINAL_PHASES
-            and recorded_source(status, spec.model.from_job) is None):  # fmt: skip
-        source = await kube.get(API_VERSION, PLURAL, ns, spec.model.from_job)  # reconcile judges it
-    return Observed(pods=tuple(observations), claim_exists=claim_exists, source_job=source)
+    if spec.model.from_job and spec.model.from_job != meta["name"] and status.get("phase") not in TERMINAL_PHASES:
+        recorded = recorded_source(status, spec.model.from_job)
+        if recorded is None:
+            source = await kube.get(API_VERSION, PLURAL, ns, spec.model.from_job)  # reconcile judges it
+        else:  # a source deleted with reclaimPolicy Delete takes its claim along
+            source_claim = await kube.get("v1", "persistentvolumeclaims", ns, recorded.claim) is not None
+    return Observed(pods=tuple(observations), claim_exists=claim_exists, source_job=source,
+                    source_claim_exists=source_claim)  # fmt: skip
 
 
 async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any) -> None:

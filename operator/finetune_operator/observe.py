@@ -84,6 +84,8 @@ class Observed:
     # spec.model.fromJob: the source FineTuneJob as read from the API (same namespace), None when
     # it does not exist (or the job has no fromJob). Reconcile decides what its state means.
     source_job: dict[str, Any] | None = None
+    # The workspace claim recorded in status.source: does it still exist? None: not looked at.
+    source_claim_exists: bool | None = None
 
 
 def _finite_float(text: str) -> float | None:

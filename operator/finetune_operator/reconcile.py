@@ -232,6 +232,11 @@ def _source_workspace(
         # every later attempt (a resumed training pod, the export) starts from the model the first
         # training pod started from, even if the source job has been deleted (its claim is kept
         # by default) or re-created since
+        if observed.source_claim_exists is False:
+            return _fail(p, live, S.REASON_SOURCE_EXPORT_MISSING,
+                         f"PersistentVolumeClaim {recorded.claim}, the workspace of source job {name} ({field}) "
+                         "this job started from, is gone (deleted with the source job under reclaimPolicy "
+                         "Delete?); the model cannot be continued without it")  # fmt: skip
         return recorded
     src = observed.source_job
     if src is None:

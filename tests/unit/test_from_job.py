@@ -191,6 +191,19 @@ def test_a_resumed_training_pod_starts_from_the_recorded_source() -> None:
         assert after["status"]["source"] == {"job": "prev", "claim": "prev-workspace"}
 
 
+def test_a_recorded_source_claim_that_is_gone_fails_the_job_with_the_reason() -> None:
+    j, _ = step(job(spec={"lora": {"r": 4}}), SUCCEEDED)
+    preempted = (PodObservation(name="next-train-1", role="train", attempt=1, phase="Failed",
+                                result="preempted", exit_code=75),)  # fmt: skip
+    plan = reconcile(j, Observed(pods=preempted, claim_exists=True, source_claim_exists=False), T0, SETTINGS)
+    failed = apply(j, plan)
+    assert [o for o in plan.create if o["kind"] == "Pod"] == [] and failed["status"]["phase"] == "Failed"
+    assert failed["status"]["reason"] == "SourceExportMissing" and "prev-workspace" in failed["status"]["message"]
+    for exists in (True, None):  # present, or not looked at (the local runner): the next pod starts
+        plan = reconcile(j, Observed(pods=preempted, claim_exists=True, source_claim_exists=exists), T0, SETTINGS)
+        assert [o["metadata"]["name"] for o in plan.create if o["kind"] == "Pod"] == ["next-train-2"]
+
+
 def test_a_running_training_pod_is_left_alone_when_the_source_disappears() -> None:
     j, _ = step(job(), SUCCEEDED)
     running = (PodObservation(name="next-train-1", role="train", attempt=1, phase="Running"),)
@@ -241,6 +254,9 @@ def test_the_handler_reads_the_source_only_while_a_launch_may_need_it() -> None:
         kube = ReadingKube({("ml", "prev"): SUCCEEDED})
         observed = asyncio.run(handlers.observe(kube, j))  # type: ignore[arg-type]
         assert observed.source_job is None and not any(g[0] == "finetunejobs" for g in kube.gets)
+    # with a recorded source it checks that source's claim instead (ReadingKube has no claims)
+    observed = asyncio.run(handlers.observe(ReadingKube({}), recorded))  # type: ignore[arg-type]
+    assert observed.source_claim_exists is False
 
 
 def test_the_handler_reads_the_source_job_from_the_same_namespace() -> None:
