@@ -99,7 +99,8 @@ async def observe(kube: Kube, job: dict[str, Any]) -> Observed:
     claim_exists = await kube.get("v1", "persistentvolumeclaims", ns, claim) is not None
     source, source_claim = None, None
     status = job.get("status") or {}
-    if spec.model.from_job and spec.model.from_job != meta["name"] and status.get("phase") not in TERMINAL_PHASES:
+    launching = status.get("phase") not in TERMINAL_PHASES and all(o.ended for o in observations)
+    if spec.model.from_job and spec.model.from_job != meta["name"] and launching:  # reconcile only asks then
         recorded = recorded_source(status, spec.model.from_job)
         if recorded is None:
             source = await kube.get(API_VERSION, PLURAL, ns, spec.model.from_job)  # reconcile judges it

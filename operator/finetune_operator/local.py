@@ -70,8 +70,8 @@ def load_jobs(path: Path) -> list[dict[str, Any]]:
         docs = [d for d in yaml_load_all(path.read_text(encoding="utf-8")) if d is not None]
     except (OSError, yaml.YAMLError) as e:
         raise SpecError(str(path), f"cannot read: {e}") from None
-    if len(docs) <= 1:
-        return [load_job(path)]
+    if len(docs) <= 1:  # as load_job reads it, without reading the file again
+        return [_job_from(docs[0] if docs else None, str(path), path.stem.replace("_", "-").lower())]
     jobs = []
     for i, doc in enumerate(docs, 1):
         if not isinstance(doc, dict) or not (doc.get("metadata") or {}).get("name"):
