@@ -29,7 +29,7 @@ from finetune_operator.contract import (
 )
 from finetune_operator.spec import FineTuneSpec
 
-from .errors import InvalidInput
+from .errors import InvalidInput, TransientError
 from .preemption import PreemptionWatch, watching
 from .summary import emit, write_summary
 
@@ -72,6 +72,9 @@ def run_train(spec: FineTuneSpec, workspace: Path, *, metadata: dict[str, Any] |
             return _run(spec, Path(workspace), w)
         except InvalidInput as e:
             return _finish(RESULT_INVALID, EXIT_INVALID, message=str(e))
+        except TransientError as e:  # retried by the operator: say so, no traceback
+            print(f"finetune-worker: transient failure (will be retried): {e}", file=sys.stderr, flush=True)
+            return _finish(RESULT_FAILED, EXIT_FAILED, message=f"transient: {e}")
         except Exception as e:
             traceback.print_exc()
             return _finish(RESULT_FAILED, EXIT_FAILED, message=f"{type(e).__name__}: {e}")

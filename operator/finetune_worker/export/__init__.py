@@ -40,10 +40,9 @@ from finetune_operator.contract import (
 )
 from finetune_operator.spec import FineTuneSpec
 
-from ..errors import Preempted
+from ..errors import InvalidInput, Preempted, TransientError
 from ..preemption import PreemptionWatch, watching
 from ..summary import emit, write_summary
-from ._errors import InvalidInput
 
 EXIT_FAILED = 1
 PAUSE_ENV = "FINETUNE_EXPORT_PAUSE_AFTER"  # test hook: sleep after this stage so a test can signal the pod
@@ -132,6 +131,8 @@ def _run_export(
         )
     except VerificationFailed as e:
         return _fail(EXIT_FAILED, RESULT_FAILED, f"export verification failed: {e}")
+    except TransientError as e:
+        return _fail(EXIT_FAILED, RESULT_FAILED, f"export: transient: {e}")
     except Exception as e:
         traceback.print_exc()
         return _fail(EXIT_FAILED, RESULT_FAILED, f"export failed: {type(e).__name__}: {e}")

@@ -16,7 +16,7 @@ from typing import Any
 
 from finetune_operator.spec import FineTuneSpec
 
-from ._errors import InvalidInput
+from ..errors import InvalidInput
 
 SIMILARITY_METRICS = ("spearman", "pearson")
 

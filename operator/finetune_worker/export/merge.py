@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import InvalidInput
+from ..errors import InvalidInput
 from .safeio import ShardWriter, TensorInfo, load_file, read_header, read_tensor
 
 WEIGHTS_NAME = "model.safetensors"

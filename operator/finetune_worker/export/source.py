@@ -11,7 +11,7 @@ from typing import Any
 from finetune_operator.contract import CHECKPOINTS_DIR, FINAL_DIR
 from finetune_operator.spec import FineTuneSpec
 
-from ._errors import InvalidInput
+from ..errors import InvalidInput
 from .formats import read_modules, transformer_dir
 from .merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, WEIGHTS_NAME
 
