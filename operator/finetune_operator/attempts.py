@@ -103,10 +103,22 @@ def record_live_progress(p: Pass, live: list[PodObservation]) -> None:
             cur = p.st.get("checkpoint") or {}
             if cur.get("name") != pod.checkpoint["name"]:
                 p.st["checkpoint"] = {**pod.checkpoint, "savedAt": p.ts}
-        if pod.role == ROLE_TRAIN and pod.progress:
+        if pod.role != ROLE_TRAIN:
+            continue
+        cur = dict(p.st.get("progress") or {})
+        if pod.log_error:  # the last values stay, marked stale; the message says why (reconcile)
+            if pod.phase == "Running" and not cur.get("stale"):
+                p.st["progress"] = {**cur, "stale": True}
+            continue
+        if pod.progress:
             prog = dict(pod.progress)
             step, total = prog.get("step"), prog.get("totalSteps")
             if isinstance(step, (int, float)) and isinstance(total, (int, float)) and total > 0:
                 prog["percent"] = round(min(100.0, 100.0 * step / total), 1)
+            if {k: cur.get(k) for k in prog} == prog and not cur.get("stale"):
+                continue  # nothing new in the log: no write (updatedAt says when it last moved)
             prog["updatedAt"] = p.ts
             p.st["progress"] = prog
+        elif cur.get("stale") and pod.phase == "Running":  # readable again, nothing printed yet
+            cur.pop("stale")
+            p.st["progress"] = cur

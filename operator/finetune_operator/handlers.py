@@ -1,24 +1,28 @@
-"""kopf handlers: thin. Each one gathers observations, calls `reconcile`, applies the plan.
+"""kopf handlers: thin. Watches feed the cache; one pass per job reads it, decides, applies.
 
-Every trigger (create, spec update, operator resume, a timer, any event of a child pod) runs the
-same `reconcile_job(namespace, name)`: read the job fresh from the API, list its pods, read the
-running pod's log tail, check its claim, decide, apply. A per-job lock keeps two triggers of one
-job from interleaving; jobs never wait on each other.
+Every trigger (a FineTuneJob event, an event of one of its pods, a due time in the scheduler) runs
+the same `reconcile_job(namespace, name)`: read the job, its pods and its claim from the informer
+(informer.py: kopf indexes, filled by watches before any handler runs), read the running pod's log
+tail when the last read is older than FINETUNE_RESYNC_SECONDS, decide, apply. Only writes and that
+bounded log read reach the API server. A per-job lock keeps two triggers of one job from
+interleaving; jobs never wait on each other.
 
-Environment (read at import; `finetune-operator run` documents them):
-  FINETUNE_WORKER_IMAGE        default worker image (spec.image wins)
-  FINETUNE_RESYNC_SECONDS      how often a running job's progress is read from its pod (default 5)
-  FINETUNE_TIMER_TICK          timer tick: the resolution of requeues, backoff and TTL (default 1)
-  FINETUNE_GRACE_SECONDS       terminationGracePeriodSeconds of worker pods (default 300)
-  FINETUNE_BACKOFF_SECONDS     first retry delay after a failure (default 10; doubles, capped at
-  FINETUNE_BACKOFF_MAX_SECONDS 300)
-  FINETUNE_KUBE_SERVER         plain-URL API server for tests / `kubectl proxy` (see kube.py)
+No finalizer: no kopf timer, daemon or mandatory deletion handler is registered for FineTuneJobs
+(kopf adds its finalizer for those); children go with the job through ownerReferences.
+
+Environment (read at startup; `finetune-operator run` documents them):
+  FINETUNE_WORKER_IMAGE          default worker image (spec.image wins)
+  FINETUNE_RESYNC_SECONDS        how often a running pod's progress is read from its log (default 5)
+  FINETUNE_SAFETY_RESYNC_SECONDS every job is reconciled from the cache at least this often (600)
+  FINETUNE_GRACE_SECONDS         terminationGracePeriodSeconds of worker pods (default 300)
+  FINETUNE_BACKOFF_SECONDS       first retry delay after a failure (default 10; doubles, capped at
+  FINETUNE_BACKOFF_MAX_SECONDS   300)
+  FINETUNE_KUBE_SERVER           plain-URL API server for tests / `kubectl proxy` (see kube.py)
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
 import logging
 import os
@@ -30,11 +34,14 @@ import kopf
 from . import metrics
 from .builders import DEFAULT_WORKER_IMAGE, LABEL_JOB, claim_name
 from .contract import API_VERSION, GROUP, PLURAL, VERSION
-from .kube import SERVER_ENV, ApiError, Kube
+from .informer import Informer, Scheduler, Tail
+from .kube import ApiError, Kube, credentials, load_configuration
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
 from .reconcile import Plan, Settings, reconcile, recorded_source
 from .spec import SpecError, parse_spec
-from .status import TERMINAL_PHASES
+from .status import PHASE_SUSPENDED, REASON_CONFIG_TOO_LARGE, REASON_INVALID_SPEC, TERMINAL_PHASES
+
+log = logging.getLogger("finetune_operator")
 
 
 def settings_from_env() -> Settings:
@@ -49,16 +56,20 @@ def settings_from_env() -> Settings:
 
 
 SETTINGS = settings_from_env()
-TIMER_TICK = float(os.environ.get("FINETUNE_TIMER_TICK") or 1.0)
-ENDED_CACHE_SIZE = 4096
-_state: dict[str, Any] = {"kube": None, "locks": {}, "due": {}, "ended": collections.OrderedDict()}
+SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
+_state: dict[str, Any] = {"kube": None, "locks": {}, "informer": Informer(), "scheduler": None, "task": None}
 
 
-def _kube() -> Kube:
+async def _kube() -> Kube:
     if _state["kube"] is None:
-        _state["kube"] = Kube()
+        _state["kube"] = await Kube.connect()
     kube: Kube = _state["kube"]
     return kube
+
+
+def _informer() -> Informer:
+    informer: Informer = _state["informer"]
+    return informer
 
 
 def _lock(namespace: str, name: str) -> asyncio.Lock:
@@ -66,51 +77,85 @@ def _lock(namespace: str, name: str) -> asyncio.Lock:
     return locks.setdefault((namespace, name), asyncio.Lock())
 
 
-async def observe(kube: Kube, job: dict[str, Any]) -> Observed:
-    """List the job's pods (read the log tail of running ones), check its workspace claim, and read
-    the spec.model.fromJob source job (same namespace) for reconcile to judge."""
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, ApiError):
+        return f"{e.status} {e.reason or 'error'}"
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+async def _tail(kube: Kube, informer: Informer, ns: str, pod: str) -> Tail:
+    """The pod's log tail: re-read when the last read is older than the progress interval.
+    Any error (5xx, timeout, 404) is kept as the reason progress is stale; it never raises."""
+    last = informer.tails.get((ns, pod))
+    if last is not None and time.monotonic() - last.read_at < SETTINGS.progress_interval:
+        return last
+    try:
+        tail = Tail(time.monotonic(), await kube.pod_log(ns, pod, LOG_TAIL_LINES))
+    except Exception as e:
+        tail = Tail(time.monotonic(), None, f"cannot read the log of pod {pod}: {_error_text(e)}")
+        if last is None or last.error != tail.error:
+            log.warning("[%s/%s] %s", ns, pod, tail.error)
+    informer.tails[(ns, pod)] = tail
+    return tail
+
+
+async def _claim_exists(kube: Kube, informer: Informer, ns: str, claim: str) -> bool:
+    """Claims with the operator's labels come from the watch; a user's own claim is read."""
+    return informer.claim_seen(ns, claim) or await kube.get("v1", "persistentvolumeclaims", ns, claim) is not None
+
+
+async def observe(kube: Kube, informer: Informer, job: dict[str, Any]) -> Observed:
+    """The job's pods (with the log tail of running ones, when it is due), its workspace claim and
+    its spec.model.fromJob source, from the informer. The API is read only for a claim a launch
+    needs that the watch cannot show (a user's own claim), and for the due log tail."""
     meta = job["metadata"]
-    ns, uid = meta.get("namespace"), meta.get("uid")
+    ns, uid, status = str(meta.get("namespace")), meta.get("uid"), job.get("status") or {}
     pods = [
-        p for p in await kube.list("v1", "pods", ns, {LABEL_JOB: meta["name"]})
+        p for p in informer.pods(ns, meta["name"])
         if not uid or any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])
     ]  # fmt: skip
-    # A deleted pod's final state may be gone from the API by the time we list; its last watch
+    # A deleted pod's final state may be gone from the cache by the time we look; its last watch
     # event carried it (see on_pod_event), so the attempt still gets its real exit code and summary.
     listed = {p["metadata"]["name"] for p in pods}
-    ended: collections.OrderedDict[tuple[str, str], dict[str, Any]] = _state["ended"]
-    for attempt in (job.get("status") or {}).get("attempts") or []:
-        body = ended.get((str(ns), str(attempt.get("pod"))))
+    for attempt in status.get("attempts") or []:
+        body = informer.ended.get((ns, str(attempt.get("pod"))))
         if attempt.get("result") or attempt.get("pod") in listed or body is None:
             continue
         if any(o.get("uid") == uid for o in body["metadata"].get("ownerReferences") or []):
             pods.append(body)
+    active = status.get("phase") not in (*TERMINAL_PHASES, PHASE_SUSPENDED) and not (job.get("spec") or {}).get("suspend")
     observations = []
     for pod in pods:
         tail = None
-        if (pod.get("status") or {}).get("phase") == "Running":
-            tail = await kube.pod_log(ns, pod["metadata"]["name"], LOG_TAIL_LINES)
-        observations.append(observe_pod(pod, tail))
+        if active and (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+            tail = await _tail(kube, informer, ns, pod["metadata"]["name"])
+        observations.append(observe_pod(pod, tail.text if tail else None, tail.error if tail else None))
     try:
         spec = parse_spec(job.get("spec"))
     except SpecError:
         return Observed(pods=tuple(observations), claim_exists=False)
+    if not all(o.ended for o in observations):  # reconcile looks at claims and source only to launch
+        return Observed(pods=tuple(observations), claim_exists=True)
+    launching = status.get("phase") not in TERMINAL_PHASES
     claim = claim_name(meta["name"], spec)
-    claim_exists = await kube.get("v1", "persistentvolumeclaims", ns, claim) is not None
+    claim_exists = informer.claim_seen(ns, claim)
+    if spec.storage.claim_name and not claim_exists:  # a user's claim: no label, so not watched
+        relaunch = launching or status.get("reason") in (REASON_INVALID_SPEC, REASON_CONFIG_TOO_LARGE)
+        claim_exists = not relaunch or await _claim_exists(kube, informer, ns, claim)
     source, source_claim = None, None
-    status = job.get("status") or {}
-    launching = status.get("phase") not in TERMINAL_PHASES and all(o.ended for o in observations)
-    if spec.model.from_job and spec.model.from_job != meta["name"] and launching:  # reconcile only asks then
+    if spec.model.from_job and spec.model.from_job != meta["name"] and launching:
         recorded = recorded_source(status, spec.model.from_job)
         if recorded is None:
-            source = await kube.get(API_VERSION, PLURAL, ns, spec.model.from_job)  # reconcile judges it
+            source = informer.job(ns, spec.model.from_job)  # reconcile judges it
         else:  # a source deleted with reclaimPolicy Delete takes its claim along
-            source_claim = await kube.get("v1", "persistentvolumeclaims", ns, recorded.claim) is not None
+            source_claim = await _claim_exists(kube, informer, ns, recorded.claim)
     return Observed(pods=tuple(observations), claim_exists=claim_exists, source_job=source,
                     source_claim_exists=source_claim)  # fmt: skip
 
 
-async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any) -> None:
+async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any, informer: Informer | None = None) -> None:
     """Carry out a plan: creates (409 = already there), deletes, the status patch, Events, TTL."""
     meta = job["metadata"]
     ns, name = meta.get("namespace"), meta["name"]
@@ -122,55 +167,74 @@ async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any) -> Non
             reason = {"reason": "CreateFailed", "message": what}
             await kube.patch(API_VERSION, PLURAL, ns, name, {"status": reason}, subresource="status")
             raise kopf.TemporaryError(what, delay=SETTINGS.pending_interval) from e
-        logger.info(
-            "%s %s/%s", "created" if created else "found existing", obj["kind"], obj["metadata"]["name"]
-        )
+        if obj["kind"] == "Pod" and informer is not None:
+            informer.created(str(ns), created if isinstance(created, dict) and created.get("metadata") else obj)
+        logger.info("%s %s %s/%s", "created" if created else "found existing", obj["kind"], ns, obj["metadata"]["name"])
     for d in plan.delete:
-        await kube.delete("v1", "pods", ns, d.name, d.grace_seconds)
+        if informer is not None and not informer.deleting(str(ns), d.name):
+            continue  # asked already; the watch has not shown its deletionTimestamp yet
+        if await kube.delete("v1", "pods", ns, d.name, d.grace_seconds):
+            logger.info("deleting Pod %s/%s", ns, d.name)
     if plan.status is not None:
-        await kube.patch(API_VERSION, PLURAL, ns, name, {"status": plan.status}, subresource="status")
+        written = await kube.patch(API_VERSION, PLURAL, ns, name, {"status": plan.status}, subresource="status")
+        if informer is not None:
+            informer.wrote(str(ns), name, written)
     for event in plan.events:
         try:
             await kube.create(event)
         except ApiError as e:  # an Event is best effort; the status already tells the story
             logger.warning("could not post event %s: %s", event["reason"], e)
     if plan.delete_job:
-        logger.info("ttlSecondsAfterFinished passed: deleting the job")
+        logger.info("[%s/%s] ttlSecondsAfterFinished passed: deleting the job", ns, name)
         await kube.delete(API_VERSION, PLURAL, ns, name)
 
 
-async def _wake_continuations(kube: Kube, namespace: str, name: str) -> None:
-    """A job just finished: jobs continuing from it (spec.model.fromJob) are due now, not at their
-    next pending_interval."""
-    for other in await kube.list(API_VERSION, PLURAL, namespace):
-        if ((other.get("spec") or {}).get("model") or {}).get("fromJob") == name:
-            _state["due"][(namespace, other["metadata"]["name"])] = 0.0
+def _log_transition(ns: str, name: str, job: dict[str, Any], plan: Plan) -> None:
+    """One line per transition (phase or reason change) or error; nothing for a quiet pass."""
+    old, new = job.get("status") or {}, plan.status or {}
+    if plan.status is None or (new.get("phase", old.get("phase")), new.get("reason", old.get("reason"))) == (
+        old.get("phase"), old.get("reason")
+    ):
+        return
+    level = logging.ERROR if plan.permanent_error else logging.INFO
+    log.log(level, "[%s/%s] %s/%s: %s", ns, name, new.get("phase", old.get("phase")),
+            new.get("reason", old.get("reason")), new.get("message", old.get("message")))  # fmt: skip
 
 
-async def reconcile_job(namespace: str, name: str, logger: Any) -> Plan | None:
-    """One level-triggered pass for one job; None when the job is gone or being deleted."""
+def _schedule(namespace: str, name: str, after: float | None) -> None:
+    scheduler: Scheduler | None = _state["scheduler"]
+    if scheduler is not None:
+        delay = SAFETY_RESYNC if after is None else min(after, SAFETY_RESYNC)
+        scheduler.at((namespace, name), time.monotonic() + delay)
+
+
+async def reconcile_job(namespace: str, name: str, logger: Any = log) -> Plan | None:
+    """One level-triggered pass for one job; None when the job is gone or being deleted.
+    Errors are logged (one line) and retried after pending_interval; they never raise."""
     async with _lock(namespace, name):
         started = time.perf_counter()
-        kube = _kube()
+        informer = _informer()
+        job = informer.job(namespace, name)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            metrics.observe_phase(namespace, name, None)
+            return None
         try:
-            job = await kube.get(API_VERSION, PLURAL, namespace, name)
-            if job is None or job["metadata"].get("deletionTimestamp"):
-                metrics.observe_phase(namespace, name, None)
-                return None
-            plan = reconcile(job, await observe(kube, job), dt.datetime.now(dt.timezone.utc), SETTINGS)
-            await apply(kube, job, plan, logger)
+            kube = await _kube()
+            plan = reconcile(job, await observe(kube, informer, job), dt.datetime.now(dt.timezone.utc), SETTINGS)
+            _log_transition(namespace, name, job, plan)
+            await apply(kube, job, plan, logger, informer)
             if plan.phase in TERMINAL_PHASES and (job.get("status") or {}).get("phase") != plan.phase:
-                await _wake_continuations(kube, namespace, name)
-        except Exception:
+                for other in informer.continuing_from(namespace, name):  # due now, not at their next look
+                    _schedule(namespace, other, 0.0)
+        except Exception as e:
             metrics.RECONCILE_ERRORS.inc()
-            _state["due"][(namespace, name)] = (
-                time.monotonic() + SETTINGS.pending_interval
-            )  # no hot retry loop
-            raise
+            log.warning("[%s/%s] reconcile failed, retrying in %.0fs: %s", namespace, name,
+                        SETTINGS.pending_interval, e)  # fmt: skip
+            _schedule(namespace, name, SETTINGS.pending_interval)
+            return None
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-        due = float("inf") if plan.requeue_after is None else time.monotonic() + plan.requeue_after
-        _state["due"][(namespace, name)] = due
+        _schedule(namespace, name, plan.requeue_after)
         metrics.observe_phase(namespace, name, plan.phase)
         metrics.observe_attempts(plan.ended)
         return plan
@@ -179,22 +243,42 @@ async def reconcile_job(namespace: str, name: str, logger: Any) -> Plan | None:
 # -- kopf wiring --------------------------------------------------------------------------------
 
 
+class _QuietSuccess(logging.Filter):
+    """kopf logs "Handler '...' succeeded." at INFO for every event: DEBUG here (dropped unless
+    the operator runs with --verbose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and str(record.msg).endswith(" succeeded."):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+QUIET_SUCCESS = _QuietSuccess()
+
+
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Startup settings: watch/request timeouts, our own Events only, bookkeeping in annotations."""
-    global SETTINGS
+async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
+    """Startup settings: watch/request timeouts, our own Events only, server-side label selectors;
+    the informer over kopf's indexes; the scheduler task."""
+    global SETTINGS, SAFETY_RESYNC
     SETTINGS = settings_from_env()
+    SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
     _state["locks"] = {}
-    _state["due"] = {}
-    _state["ended"] = collections.OrderedDict()
     _state["kube"] = None
+    _state["informer"] = Informer(kwargs["ftj_jobs"], kwargs["ftj_pods"], kwargs["ftj_claims"])
+    scheduler = Scheduler(lambda ns, name: reconcile_job(ns, name))
+    _state["scheduler"] = scheduler
+    _state["task"] = asyncio.create_task(scheduler.loop(), name="finetune-scheduler")
+    logging.getLogger("kopf.objects").addFilter(QUIET_SUCCESS)
     settings.posting.level = max(settings.posting.level, logging.WARNING)  # we post our own Events
     settings.watching.server_timeout = settings.watching.server_timeout or 300
     settings.watching.client_timeout = settings.watching.client_timeout or 330
     settings.watching.connect_timeout = settings.watching.connect_timeout or 30
     settings.networking.request_timeout = min(settings.networking.request_timeout or 60, 60)
-    # watch only our pods, server-side: a cluster's other pods cost neither bandwidth nor memory
+    # watch only our pods and claims, server-side: a cluster's others cost neither bandwidth nor memory
     settings.watching.label_selectors["v1", "pods"] = LABEL_JOB
+    settings.watching.label_selectors["v1", "persistentvolumeclaims"] = LABEL_JOB
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -203,58 +287,63 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def close_client(**_: Any) -> None:
+    task: asyncio.Task[Any] | None = _state["task"]
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await _state["scheduler"].stop()
+        _state["task"] = _state["scheduler"] = None
     if _state["kube"] is not None:
         await _state["kube"].close()
         _state["kube"] = None
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """FINETUNE_KUBE_SERVER when set, else the service account, else a kubeconfig."""
-    if os.environ.get(SERVER_ENV):
-        return kopf.ConnectionInfo(server=os.environ[SERVER_ENV], insecure=True, default_namespace="default")
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+async def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf logs in with the operator's own client configuration (kube.py): FINETUNE_KUBE_SERVER,
+    else the service account, else the kubeconfig (exec plugins included). It carries an
+    expiration, so kopf logs in again (re-reading a rotated token) before it goes stale."""
+    creds = await credentials(await load_configuration())
+    return kopf.ConnectionInfo(
+        server=creds.server, ca_path=creds.ca_path, insecure=creds.insecure, token=creds.token,
+        certificate_path=creds.certificate_path, private_key_path=creds.private_key_path,
+        expiration=creds.expiration, default_namespace="default",
+    )  # fmt: skip
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def on_change(name: str, namespace: str | None, logger: Any, **_: Any) -> None:
-    plan = await reconcile_job(str(namespace), name, logger)
-    if plan is not None and plan.permanent_error:
-        raise kopf.PermanentError(plan.permanent_error)
+@kopf.index(GROUP, VERSION, PLURAL)
+def ftj_jobs(namespace: str | None, name: str, body: Any, **_: Any) -> dict[Any, Any]:
+    return {(str(namespace), name): dict(body)}
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_TICK, initial_delay=TIMER_TICK)
-async def on_timer(name: str, namespace: str | None, status: Any, spec: Any, logger: Any, **_: Any) -> None:
-    """Requeues: reconcile when the last plan's requeue_after is due (live progress, backoff, TTL).
-    A tick that is not due costs a dict lookup; finished jobs without a TTL are never due."""
+@kopf.index("v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def ftj_pods(namespace: str | None, labels: Any, body: Any, **_: Any) -> dict[Any, Any]:
+    return {(str(namespace), labels[LABEL_JOB]): dict(body)}
+
+
+@kopf.index("v1", "persistentvolumeclaims", labels={LABEL_JOB: kopf.PRESENT})
+def ftj_claims(namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+    return {(str(namespace), name): True}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def on_job_event(type: str | None, name: str, namespace: str | None, **_: Any) -> None:
     namespace = str(namespace)
-    due = _state["due"].get((namespace, name))
-    if due is None and status.get("phase") in TERMINAL_PHASES and spec.get("ttlSecondsAfterFinished") is None:
+    if type == "DELETED":
+        metrics.observe_phase(namespace, name, None)
+        _informer().forget_job(namespace, name)
+        if _state["scheduler"] is not None:
+            _state["scheduler"].forget((namespace, name))
+        _state["locks"].pop((namespace, name), None)
         return
-    if due is None or time.monotonic() >= due:
-        await reconcile_job(namespace, name, logger)
+    await reconcile_job(namespace, name)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-async def on_pod_event(body: Any, namespace: str | None, logger: Any, **_: Any) -> None:
+async def on_pod_event(type: str | None, body: Any, namespace: str | None, **_: Any) -> None:
     owner = next((o for o in body.get("metadata", {}).get("ownerReferences") or []
                   if o.get("apiVersion") == API_VERSION), None)  # fmt: skip
     if owner is None:
         return
-    if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-        ended: collections.OrderedDict[tuple[str, str], dict[str, Any]] = _state["ended"]
-        ended[(str(namespace), body["metadata"]["name"])] = dict(body)
-        while len(ended) > ENDED_CACHE_SIZE:
-            ended.popitem(last=False)
-    await reconcile_job(str(namespace), owner["name"], logger)
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-async def on_delete(name: str, namespace: str | None, **_: Any) -> None:
-    """No finalizer (optional): children go through ownerReferences; this only updates metrics."""
-    namespace = str(namespace)
-    metrics.observe_phase(namespace, name, None)
-    _state["due"].pop((namespace, name), None)
-    _state["locks"].pop((namespace, name), None)
+    _informer().pod_event(str(namespace), body, deleted=type == "DELETED")
+    await reconcile_job(str(namespace), owner["name"])

@@ -1,34 +1,45 @@
-"""A small async Kubernetes API client (aiohttp) for the operator's own reads and writes.
+"""The operator's API client: kubernetes_asyncio under a thin wrapper that keeps plans readable.
 
-kopf watches and keeps its bookkeeping through its own client; this one does what reconcile
-plans: create children (409 = already there), list them by label, patch status, delete, read
-pod log tails, post Events. No dependency on the kubernetes package.
+kubernetes_asyncio (the official OpenAPI generator's async client, released with each Kubernetes
+minor) does everything under the wrapper: kubeconfig loading (contexts, CA and client certificates,
+tokens, exec credential plugins, OIDC), the in-cluster service account (its token file is re-read
+as the kubelet rotates it), TLS and the HTTP session. The wrapper only names the five calls reconcile
+plans need: create (409 = already there), get (None on 404), list by labels, JSON merge patch
+(status subresource included), delete, and a bounded pod log tail. Requests go through
+`ApiClient.call_api` with the response unread, so a log that happens to be JSON is not mangled
+by the generated deserializer.
 
 Where to connect, first match wins:
   1. env FINETUNE_KUBE_SERVER: a plain URL, no auth (the tier-3 emulator, `kubectl proxy`);
-  2. the in-cluster service account (KUBERNETES_SERVICE_HOST + the mounted token and CA);
-  3. a kubeconfig (env KUBECONFIG or ~/.kube/config): current context's server, CA, and a
-     token or client certificate. Exec plugins and auth providers are not supported.
+  2. the in-cluster service account (KUBERNETES_SERVICE_HOST, the mounted token and CA);
+  3. a kubeconfig (env KUBECONFIG or ~/.kube/config), current context, as kubectl reads it.
+
+kopf logs in with the same credentials: `credentials()` turns the loaded configuration into what
+its login handler returns (handlers.login), with an expiration so kopf logs in again when a
+token is due to rotate.
 """
 
 from __future__ import annotations
 
-import base64
+import datetime as dt
 import json
 import os
-import ssl
-import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import yaml
+from kubernetes_asyncio import config as kube_config
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.config.config_exception import ConfigException
 
 SERVER_ENV = "FINETUNE_KUBE_SERVER"
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
+LOG_LIMIT_BYTES = 64 * 1024  # a log tail is read for its last progress lines, never more than this
+# kopf re-logs-in after this long with in-cluster credentials: the kubelet rotates the mounted
+# token well before its (>= 1 h) expiry, and the library re-reads the file every minute.
+IN_CLUSTER_RELOGIN = dt.timedelta(minutes=10)
+USER_AGENT = "finetune-operator"
 
 
 class ApiError(Exception):
@@ -41,76 +52,91 @@ class ApiError(Exception):
         self.message = message
 
 
-@dataclass
-class KubeConfig:
+@dataclass(frozen=True)
+class Credentials:
+    """What kopf's login needs, taken from the client's loaded configuration."""
+
     server: str
-    token: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    ca_path: str | None = None
     insecure: bool = False
-    temp_files: list[str] = field(default_factory=list)
-
-    def ssl_context(self) -> ssl.SSLContext | bool:
-        if not self.server.startswith("https"):
-            return False
-        if self.insecure:
-            return False
-        ctx = ssl.create_default_context(cafile=self.ca_file)
-        if self.cert_file and self.key_file:
-            ctx.load_cert_chain(self.cert_file, self.key_file)
-        return ctx
+    token: str | None = None
+    certificate_path: str | None = None
+    private_key_path: str | None = None
+    expiration: dt.datetime | None = None
 
 
-def _data_file(data: str, cfg: KubeConfig) -> str:
-    fd, path = tempfile.mkstemp(prefix="finetune-kube-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(base64.b64decode(data))
-    cfg.temp_files.append(path)
-    return path
+@dataclass
+class Loaded:
+    """A kubernetes_asyncio Configuration and how it was found (`source`)."""
+
+    configuration: Configuration
+    source: str  # "env" | "in-cluster" | "kubeconfig"
+    loader: Any = None  # the KubeConfigLoader, for exec plugin expiry
 
 
-def _from_kubeconfig(path: Path) -> KubeConfig:
-    doc = yaml.safe_load(path.read_text()) or {}
-    ctx_name = doc.get("current-context")
-    ctx = next((c["context"] for c in doc.get("contexts") or [] if c.get("name") == ctx_name), None)
-    if ctx is None:
-        raise RuntimeError(f"{path}: no current-context")
-    cluster = next(c["cluster"] for c in doc.get("clusters") or [] if c.get("name") == ctx.get("cluster"))
-    user = next((u.get("user") or {} for u in doc.get("users") or [] if u.get("name") == ctx.get("user")), {})
-    cfg = KubeConfig(server=str(cluster["server"]).rstrip("/"), token=user.get("token"),
-                     insecure=bool(cluster.get("insecure-skip-tls-verify")))  # fmt: skip
-    if cluster.get("certificate-authority-data"):
-        cfg.ca_file = _data_file(cluster["certificate-authority-data"], cfg)
-    elif cluster.get("certificate-authority"):
-        cfg.ca_file = str(cluster["certificate-authority"])
-    for key, attr in (("client-certificate", "cert_file"), ("client-key", "key_file")):
-        if user.get(f"{key}-data"):
-            setattr(cfg, attr, _data_file(user[f"{key}-data"], cfg))
-        elif user.get(key):
-            setattr(cfg, attr, str(user[key]))
-    return cfg
+def _exec_refresher(loader: Any) -> Any:
+    """An async refresh hook: re-run the kubeconfig's exec plugin once its credential expires
+    (the library caches it until `expirationTimestamp`)."""
+
+    async def refresh(configuration: Configuration, *_: Any) -> None:
+        if hasattr(loader, "exec_plugin_expiry"):
+            await loader.load_from_exec_plugin()  # returns at once while not expired
+            configuration.api_key["BearerToken"] = loader.token
+
+    return refresh
 
 
-def load_config() -> KubeConfig:
+async def load_configuration() -> Loaded:
     """Find the API server (see the module docstring).
 
     Raises:
-        RuntimeError: no server found.
+        RuntimeError: no server found, or the kubeconfig/service account is unusable.
     """
+    cfg = Configuration()
     if os.environ.get(SERVER_ENV):
-        return KubeConfig(server=os.environ[SERVER_ENV].rstrip("/"))
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-    if host and (SA_DIR / "token").is_file():
-        host = f"[{host}]" if ":" in host else host
-        return KubeConfig(server=f"https://{host}:{port}", token=(SA_DIR / "token").read_text().strip(),
-                          ca_file=str(SA_DIR / "ca.crt"))  # fmt: skip
-    path = Path(os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or Path.home() / ".kube" / "config")
-    if path.is_file():
-        return _from_kubeconfig(path)
-    raise RuntimeError(
-        f"no Kubernetes API server: set {SERVER_ENV}, run in a cluster, or provide a kubeconfig"
-    )
+        cfg.host = os.environ[SERVER_ENV].rstrip("/")
+        cfg.verify_ssl = False
+        return Loaded(cfg, "env")
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            kube_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # re-reads the token file
+        except ConfigException as e:
+            raise RuntimeError(f"in-cluster configuration: {e}") from e
+        return Loaded(cfg, "in-cluster")
+    path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
+    if not os.path.isfile(path):
+        raise RuntimeError(
+            f"no Kubernetes API server: set {SERVER_ENV}, run in a cluster, or provide a kubeconfig ({path})"
+        )
+    try:
+        loader = await kube_config.load_kube_config(config_file=path, client_configuration=cfg,
+                                                    persist_config=False)  # fmt: skip
+    except (ConfigException, OSError, KeyError) as e:
+        raise RuntimeError(f"kubeconfig {path}: {e}") from e
+    if hasattr(loader, "exec_plugin_expiry"):
+        cfg.refresh_api_key_hook = _exec_refresher(loader)
+    return Loaded(cfg, "kubeconfig", loader)
+
+
+async def credentials(loaded: Loaded, now: dt.datetime | None = None) -> Credentials:
+    """The loaded configuration as kopf's login needs it (token refreshed first)."""
+    cfg = loaded.configuration
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if loaded.source == "env":
+        return Credentials(server=str(cfg.host), insecure=True)
+    header = await cfg.get_api_key_with_prefix("BearerToken") if "BearerToken" in cfg.api_key else None
+    token = header.split(" ", 1)[1] if header and header.startswith("Bearer ") else None
+    expiration = None
+    if loaded.source == "in-cluster":
+        expiration = now + IN_CLUSTER_RELOGIN
+    elif getattr(loaded.loader, "exec_plugin_expiry", None) is not None:
+        expiration = loaded.loader.exec_plugin_expiry
+        if expiration.tzinfo is None:
+            expiration = expiration.replace(tzinfo=dt.timezone.utc)
+    return Credentials(
+        server=str(cfg.host), ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl, token=token,
+        certificate_path=cfg.cert_file, private_key_path=cfg.key_file, expiration=expiration,
+    )  # fmt: skip
 
 
 def resource_path(api_version: str, plural: str, namespace: str | None = None, name: str | None = None,
@@ -130,11 +156,17 @@ _PLURALS = {"Pod": "pods", "PersistentVolumeClaim": "persistentvolumeclaims", "E
 
 
 class Kube:
-    """The API client. Use as `async with Kube() as kube:` or call `close()`."""
+    """The API client. `await Kube.connect()`; `close()` when done (or `async with`)."""
 
-    def __init__(self, config: KubeConfig | None = None) -> None:
-        self.config = config or load_config()
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, api: ApiClient, loaded: Loaded | None = None) -> None:
+        self.api = api
+        self.api.user_agent = USER_AGENT
+        self.loaded = loaded
+
+    @classmethod
+    async def connect(cls) -> Kube:
+        loaded = await load_configuration()
+        return cls(ApiClient(loaded.configuration), loaded)
 
     async def __aenter__(self) -> Kube:
         return self
@@ -142,50 +174,42 @@ class Kube:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _ensure(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"Accept": "application/json", "User-Agent": "finetune-operator"}
-            if self.config.token:
-                headers["Authorization"] = f"Bearer {self.config.token}"
-            connector = aiohttp.TCPConnector(ssl=self.config.ssl_context(), limit=64)
-            self._session = aiohttp.ClientSession(headers=headers, timeout=TIMEOUT, connector=connector)
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.api.close()
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json", text: bool = False) -> Any:  # fmt: skip
         """One API call; returns the decoded JSON (or text). Raises ApiError on a non-2xx answer."""
-        data = None if body is None else json.dumps(body)
-        async with self._ensure().request(method, self.config.server + path, params=params, data=data,
-                                          headers={"Content-Type": content_type}) as resp:  # fmt: skip
+        headers = {"Accept": "application/json, */*", "Content-Type": content_type}
+        resp = await self.api.call_api(
+            path, method, query_params=list((params or {}).items()), header_params=headers, body=body,
+            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+        )  # fmt: skip
+        async with resp:
             raw = await resp.text()
-            if resp.status >= 400:
+            status = int(resp.status)
+            if status >= 400:
                 try:
                     doc = json.loads(raw)
                     reason, message = str(doc.get("reason", "")), str(doc.get("message", raw))
-                except ValueError:
-                    reason, message = resp.reason or "", raw
-                raise ApiError(resp.status, reason, message[:500])
-            if text:
-                return raw
-            return json.loads(raw) if raw else {}
+                except (ValueError, AttributeError):
+                    reason, message = str(resp.reason or ""), raw
+                raise ApiError(status, reason, message[:500])
+        if text:
+            return raw
+        return json.loads(raw) if raw else {}
 
-    async def create(self, obj: dict[str, Any]) -> bool:
-        """Create `obj`; False when it already exists (409), True when created."""
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Create `obj`; the created object, or None when it already exists (409)."""
         meta = obj["metadata"]
         path = resource_path(obj["apiVersion"], _PLURALS.get(obj["kind"], obj["kind"].lower() + "s"),
                              meta.get("namespace"))  # fmt: skip
         try:
-            await self.request("POST", path, body=obj)
+            return dict(await self.request("POST", path, body=obj))
         except ApiError as e:
             if e.status == 409:
-                return False
+                return None
             raise
-        return True
 
     async def get(
         self, api_version: str, plural: str, namespace: str | None, name: str
@@ -213,11 +237,7 @@ class Kube:
     async def delete(self, api_version: str, plural: str, namespace: str | None, name: str,
                      grace_seconds: int | None = None) -> bool:  # fmt: skip
         """Delete (background propagation); False when it was already gone."""
-        body: dict[str, Any] = {
-            "kind": "DeleteOptions",
-            "apiVersion": "v1",
-            "propagationPolicy": "Background",
-        }
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
         try:
@@ -228,12 +248,10 @@ class Kube:
             raise
         return True
 
-    async def pod_log(self, namespace: str, name: str, tail_lines: int = 40) -> str:
-        """The last `tail_lines` lines of the pod's log ("" when it has none yet)."""
-        try:
-            return str(await self.request("GET", resource_path("v1", "pods", namespace, name, "log"),
-                                          params={"tailLines": str(tail_lines)}, text=True))  # fmt: skip
-        except ApiError as e:
-            if e.status in (400, 404):
-                return ""
-            raise
+    async def pod_log(self, namespace: str, name: str, tail_lines: int = 40,
+                      limit_bytes: int = LOG_LIMIT_BYTES) -> str:  # fmt: skip
+        """The last `tail_lines` lines of the pod's log, at most `limit_bytes`. Raises ApiError
+        (and aiohttp/timeout errors) as they come: the caller decides what an unreadable log means."""
+        params = {"tailLines": str(tail_lines), "limitBytes": str(limit_bytes)}
+        return str(await self.request("GET", resource_path("v1", "pods", namespace, name, "log"),
+                                      params=params, text=True))  # fmt: skip

@@ -65,6 +65,7 @@ class PodObservation:
     progress: dict[str, Any] | None = None  # last progress line of the log tail
     checkpoint: dict[str, Any] | None = None  # last checkpoint line of the log tail
     stage: str | None = None  # last export stage line of the log tail (loading, merged, verified, ...)
+    log_error: str | None = None  # why the log tail could not be read (progress is then stale)
 
     @property
     def ended(self) -> bool:
@@ -207,8 +208,8 @@ def _message(summary: dict[str, Any], raw: str, status: dict[str, Any]) -> str:
     return str(status.get("message") or "")
 
 
-def observe_pod(pod: dict[str, Any], log_tail: str | None = None) -> PodObservation:
-    """Turn a Pod object (and optionally its log tail) into a PodObservation."""
+def observe_pod(pod: dict[str, Any], log_tail: str | None = None, log_error: str | None = None) -> PodObservation:
+    """Turn a Pod object (and optionally its log tail, or why it could not be read) into a PodObservation."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     status = pod.get("status") or {}
@@ -238,4 +239,5 @@ def observe_pod(pod: dict[str, Any], log_tail: str | None = None) -> PodObservat
         progress=progress,
         checkpoint=checkpoint,
         stage=parse_export_stage(log_tail) if labels.get(LABEL_ROLE) == "export" else None,
+        log_error=log_error,
     )

@@ -297,6 +297,8 @@ def _launch(
     resumed = (st.get("checkpoint") or {}).get("name") if role == ROLE_TRAIN else None
     if attempt > 1:
         st["restarts"] += 1
+    if role == ROLE_TRAIN and attempt > 1:  # progress starts again from the resume point
+        _progress_from(st, st.get("checkpoint") if resumed else None, p.ts)
     st["attempts"].append(
         {"pod": name, "role": role, "attempt": attempt, "startedAt": p.ts, "resumedFrom": resumed}
     )
@@ -322,7 +324,22 @@ def _launch(
     return p.finish()
 
 
+def _progress_from(st: dict[str, Any], checkpoint: dict[str, Any] | None, ts: str) -> None:
+    """status.progress of a new training attempt: the resumed checkpoint's step (0 without one),
+    not the previous attempt's last log line."""
+    total = (st.get("progress") or {}).get("totalSteps")
+    step = (checkpoint or {}).get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) else 0
+    prog: dict[str, Any] = {"step": step, "updatedAt": ts}
+    if isinstance(total, (int, float)) and total > 0:
+        prog["totalSteps"] = total
+        prog["percent"] = round(min(100.0, 100.0 * step / total), 1)
+    st["progress"] = prog
+
+
 def _running(p: Pass, role: str, pod: PodObservation) -> Plan:
+    if pod.phase != "Running":
+        p.plan.requeue_after = None  # nothing to read: the pod's watch events bring what changes
     if role == ROLE_EXPORT:
         where = f"stage {pod.stage}" if pod.stage else f"is {pod.phase.lower()}"
         p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {pod.name} {where}")
@@ -331,7 +348,8 @@ def _running(p: Pass, role: str, pod: PodObservation) -> Plan:
         where = (
             f"step {prog.get('step')}/{prog.get('totalSteps')}" if prog.get("step") is not None else "started"
         )
-        p.phase(S.PHASE_TRAINING, S.REASON_TRAINING, f"training pod {pod.name}: {where}")
+        stale = f" (progress stale: {pod.log_error})" if pod.log_error else ""
+        p.phase(S.PHASE_TRAINING, S.REASON_TRAINING, f"training pod {pod.name}: {where}{stale}")
     elif pod.waiting_reason:
         p.phase(
             S.PHASE_PENDING,

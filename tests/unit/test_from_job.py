@@ -13,6 +13,7 @@ from test_reconcile import apply
 
 from finetune_operator import handlers
 from finetune_operator.builders import JOBS_ROOT, SourceWorkspace, build_pod
+from finetune_operator.informer import Informer
 from finetune_operator.observe import Observed, PodObservation
 from finetune_operator.reconcile import Plan, Settings, reconcile
 from finetune_operator.spec import parse_spec
@@ -234,38 +235,42 @@ def test_pods_with_a_source_mount_are_valid_kubernetes_and_keep_their_security_s
 
 
 class ReadingKube:
-    """What observe() asks the API: the source job is read from the job's namespace."""
+    """What observe() asks the API beyond the informer: only a claim the watch cannot show."""
 
-    def __init__(self, jobs: dict[tuple[str, str], dict[str, Any]]) -> None:
-        self.jobs = jobs
+    def __init__(self) -> None:
         self.gets: list[tuple[str, str, str]] = []
-
-    async def list(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
-        return []
 
     async def get(self, api_version: str, plural: str, ns: str, name: str) -> dict[str, Any] | None:
         self.gets.append((plural, ns, name))
-        return self.jobs.get((ns, name)) if plural == "finetunejobs" else None
+        return None
+
+
+def informer(jobs: dict[tuple[str, str], dict[str, Any]], claims: tuple[tuple[str, str], ...] = ()) -> Informer:
+    return Informer(jobs={k: [v] for k, v in jobs.items()}, claims={k: [True] for k in claims})
 
 
 def test_the_handler_reads_the_source_only_while_a_launch_may_need_it() -> None:
     recorded = job(status={"phase": "Training", "source": {"job": "prev", "claim": "prev-workspace"}})
     for j in (recorded, job(status={"phase": "Succeeded"})):
-        kube = ReadingKube({("ml", "prev"): SUCCEEDED})
-        observed = asyncio.run(handlers.observe(kube, j))  # type: ignore[arg-type]
-        assert observed.source_job is None and not any(g[0] == "finetunejobs" for g in kube.gets)
-    # with a recorded source it checks that source's claim instead (ReadingKube has no claims)
-    observed = asyncio.run(handlers.observe(ReadingKube({}), recorded))  # type: ignore[arg-type]
+        kube = ReadingKube()
+        observed = asyncio.run(handlers.observe(kube, informer({("ml", "prev"): SUCCEEDED}), j))  # type: ignore[arg-type]
+        assert observed.source_job is None
+    # with a recorded source it checks that source's claim instead: watched (labelled) ones from
+    # the informer, without a request
+    observed = asyncio.run(handlers.observe(ReadingKube(), informer({}), recorded))  # type: ignore[arg-type]
     assert observed.source_claim_exists is False
+    kube = ReadingKube()
+    observed = asyncio.run(handlers.observe(kube, informer({}, (("ml", "prev-workspace"),)), recorded))  # type: ignore[arg-type]
+    assert observed.source_claim_exists is True and kube.gets == []
 
 
-def test_the_handler_reads_the_source_job_from_the_same_namespace() -> None:
-    kube = ReadingKube({("ml", "prev"): SUCCEEDED, ("other", "prev"): source("Failed")})
-    observed = asyncio.run(handlers.observe(kube, job()))  # type: ignore[arg-type]
-    assert observed.source_job == SUCCEEDED and ("finetunejobs", "ml", "prev") in kube.gets
-    kube = ReadingKube({})
-    observed = asyncio.run(handlers.observe(kube, job(spec={"model": {"base": "x/y"}})))  # type: ignore[arg-type]
-    assert observed.source_job is None and not any(g[0] == "finetunejobs" for g in kube.gets)
+def test_the_handler_reads_the_source_job_from_the_same_namespace_in_the_informer() -> None:
+    kube = ReadingKube()
+    jobs = informer({("ml", "prev"): SUCCEEDED, ("other", "prev"): source("Failed")})
+    observed = asyncio.run(handlers.observe(kube, jobs, job()))  # type: ignore[arg-type]
+    assert observed.source_job == SUCCEEDED and not any(g[0] == "finetunejobs" for g in kube.gets)
+    observed = asyncio.run(handlers.observe(kube, jobs, job(spec={"model": {"base": "x/y"}})))  # type: ignore[arg-type]
+    assert observed.source_job is None
 
 
 def test_the_recorded_source_is_declared_in_the_crd_status_schema() -> None:

@@ -1,58 +1,258 @@
-"""Where the operator's API client connects, and the paths it requests."""
+"""The operator's API client (kubernetes_asyncio under kube.py) and kopf's login, against a local
+TLS server that checks what each request carries: a rotated service-account token file, a
+kubeconfig client certificate, an exec credential plugin."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import datetime as dt
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 
-from finetune_operator import kube
+from finetune_operator import handlers, kube
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in ("FINETUNE_KUBE_SERVER", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN=ftj-client)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", d / "ca.key", "-out", d / "ca.crt")  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, cn, ext in (("server", "127.0.0.1", ["-extfile", d / "san.ext"]), ("client", "ftj-client", [])):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", d / f"{name}.key",
+                "-out", d / f"{name}.csr")  # fmt: skip
+        openssl("x509", "-req", "-in", d / f"{name}.csr", "-CA", d / "ca.crt", "-CAkey", d / "ca.key",
+                "-CAcreateserial", "-days", "2", "-out", d / f"{name}.crt", *ext)  # fmt: skip
+    return Pki(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key")
+
+
+@dataclass
+class Seen:
+    """What the test API server saw: each request's Authorization header and client certificate CN."""
+
+    url: str = ""
+    auth: list[str | None] = field(default_factory=list)
+    client_cn: list[str | None] = field(default_factory=list)
+
+
+@pytest.fixture
+async def api(pki: Pki) -> AsyncIterator[Seen]:
+    """A TLS API server on 127.0.0.1 answering GET .../pods/NAME and the log subresource."""
+    seen = Seen()
+
+    async def pod(request: web.Request) -> web.StreamResponse:
+        seen.auth.append(request.headers.get("Authorization"))
+        cert = request.transport.get_extra_info("peercert") if request.transport else None
+        subject = dict(x[0] for x in cert["subject"]) if cert else {}
+        seen.client_cn.append(subject.get("commonName"))
+        if request.match_info.get("sub") == "log":
+            return web.Response(text='{"event": "progress", "step": 3}\n')
+        return web.json_response({"kind": "Pod", "metadata": {"name": request.match_info["name"]}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}", pod)
+    app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}/{sub}", pod)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    seen.url = f"https://127.0.0.1:{port}"
+    try:
+        yield seen
+    finally:
+        await runner.cleanup()
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, user: dict[str, Any]) -> None:
+    doc = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "b",
+        "contexts": [{"name": "a", "context": {"cluster": "other", "user": "other"}},
+                     {"name": "b", "context": {"cluster": "test", "user": "me"}}],
+        "clusters": [{"name": "other", "cluster": {"server": "https://192.0.2.1:6443"}},
+                     {"name": "test", "cluster": {"server": server,
+                                                  "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode()}}],
+        "users": [{"name": "other", "user": {"token": "wrong"}}, {"name": "me", "user": user}],
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(doc))
+
+
+async def get_pod(name: str = "p") -> dict[str, Any] | None:
+    async with await kube.Kube.connect() as k:
+        return await k.get("v1", "pods", "ml", name)
 
 
 def test_plain_server_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINETUNE_KUBE_SERVER", "http://127.0.0.1:8001/")
-    cfg = kube.load_config()
-    assert cfg.server == "http://127.0.0.1:8001" and cfg.token is None and cfg.ssl_context() is False
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    loaded = run(kube.load_configuration())
+    assert loaded.source == "env" and loaded.configuration.host == "http://127.0.0.1:8001"
+    creds = run(kube.credentials(loaded))
+    assert creds == kube.Credentials(server="http://127.0.0.1:8001", insecure=True)
 
 
-def test_kubeconfig_current_context_with_inline_ca_and_token(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.delenv("FINETUNE_KUBE_SERVER", raising=False)
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    doc = {
-        "current-context": "b",
-        "contexts": [{"name": "a", "context": {"cluster": "ca", "user": "ua"}},
-                     {"name": "b", "context": {"cluster": "cb", "user": "ub"}}],
-        "clusters": [{"name": "ca", "cluster": {"server": "https://a:6443"}},
-                     {"name": "cb", "cluster": {"server": "https://b:6443/",
-                                                "certificate-authority-data": base64.b64encode(b"PEM").decode()}}],
-        "users": [{"name": "ub", "user": {"token": "s3cret"}}],
-    }  # fmt: skip
-    path = tmp_path / "config"
-    path.write_text(yaml.safe_dump(doc))
-    monkeypatch.setenv("KUBECONFIG", str(path))
-    cfg = kube.load_config()
-    assert cfg.server == "https://b:6443" and cfg.token == "s3cret"
-    assert cfg.ca_file is not None and Path(cfg.ca_file).read_bytes() == b"PEM"
-
-
-def test_no_server_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("FINETUNE_KUBE_SERVER", raising=False)
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+def test_no_server_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="FINETUNE_KUBE_SERVER"):
-        kube.load_config()
+        run(kube.load_configuration())
 
 
 def test_resource_paths() -> None:
-    assert (
-        kube.resource_path("v1", "pods", "ml", "j-train-1", "log")
-        == "/api/v1/namespaces/ml/pods/j-train-1/log"
-    )
+    assert kube.resource_path("v1", "pods", "ml", "j-train-1", "log") == "/api/v1/namespaces/ml/pods/j-train-1/log"
     assert kube.resource_path("finetune.dev/v1alpha1", "finetunejobs", "ml", "j", "status") == (
         "/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs/j/status"
     )
     assert kube.resource_path("v1", "namespaces") == "/api/v1/namespaces"
+
+
+@needs_openssl
+async def test_in_cluster_token_file_rotation_reaches_requests_and_kopf_login(
+    api: Seen, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kubelet rewrites the projected token; the next requests (the library re-reads the file;
+    its period, a minute, is shortened here) and kopf's next login carry the new one."""
+    from kubernetes_asyncio.config import incluster_config
+
+    token = tmp_path / "token"
+    token.write_text("token-1")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(pki.ca))
+    monkeypatch.setattr(incluster_config, "TOKEN_REFRESH_PERIOD", dt.timedelta(0))
+    host, port = api.url.removeprefix("https://").split(":")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
+    async with await kube.Kube.connect() as k:
+        assert (await k.get("v1", "pods", "ml", "p")) == {"kind": "Pod", "metadata": {"name": "p"}}
+        before = await handlers.login()
+        token.write_text("token-2")
+        await k.get("v1", "pods", "ml", "p")
+    after = await handlers.login()
+    assert api.auth == ["Bearer token-1", "Bearer token-2"]
+    assert (before.token, after.token) == ("token-1", "token-2")
+    assert after.server == api.url and after.ca_path == str(pki.ca) and not after.insecure
+    assert after.expiration is not None and after.expiration > dt.datetime.now(dt.timezone.utc)
+
+
+@needs_openssl
+async def test_kubeconfig_client_certificate(api: Seen, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "config"
+    user = {"client-certificate-data": base64.b64encode(pki.client_cert.read_bytes()).decode(),
+            "client-key": str(pki.client_key)}  # fmt: skip
+    write_kubeconfig(cfg, api.url, pki.ca, user)
+    monkeypatch.setenv("KUBECONFIG", str(cfg))
+    assert await get_pod() == {"kind": "Pod", "metadata": {"name": "p"}}
+    assert api.client_cn == ["ftj-client"] and api.auth == [None]
+    info = await handlers.login()
+    assert info.server == api.url and info.token is None and info.private_key_path == str(pki.client_key)
+    assert info.certificate_path and Path(info.certificate_path).read_bytes() == pki.client_cert.read_bytes()
+
+
+EXEC_PLUGIN = """
+import datetime as dt, json, pathlib, sys
+counter = pathlib.Path(sys.argv[1]); n = int(counter.read_text() or 0) + 1 if counter.exists() else 1
+counter.write_text(str(n))
+expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=int(sys.argv[2]))
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                  "status": {"token": f"exec-{n}", "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+"""
+
+
+@needs_openssl
+@pytest.mark.parametrize(("lifetime", "expected"), [(3600, ["exec-1", "exec-1"]), (60, ["exec-2", "exec-3"])])
+async def test_kubeconfig_exec_plugin(
+    api: Seen, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lifetime: int, expected: list[str]
+) -> None:
+    """An exec credential is cached until it is about to expire (the library's 5-minute skew), then
+    the plugin runs again; kopf's login carries the plugin's expiration."""
+    plugin, counter = tmp_path / "plugin.py", tmp_path / "count"
+    plugin.write_text(EXEC_PLUGIN)
+    exec_cfg = {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
+                "args": [str(plugin), str(counter), str(lifetime)], "interactiveMode": "Never"}  # fmt: skip
+    write_kubeconfig(tmp_path / "config", api.url, pki.ca, {"exec": exec_cfg})
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    async with await kube.Kube.connect() as k:
+        await k.get("v1", "pods", "ml", "p")
+        await k.get("v1", "pods", "ml", "p")
+    assert api.auth == [f"Bearer {t}" for t in expected]
+    info = await handlers.login()
+    assert info.token and info.token.startswith("exec-") and info.expiration is not None
+    left = (info.expiration - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    assert lifetime - 10 < left <= lifetime
+
+
+@needs_openssl
+async def test_pod_log_is_bounded_and_returned_verbatim(api: Seen, pki: Pki, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A log line that is itself JSON comes back as text (the generated client would parse it)."""
+    write_kubeconfig(tmp_path / "config", api.url, pki.ca, {"token": "static"})
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    async with await kube.Kube.connect() as k:
+        text = await k.pod_log("ml", "p", tail_lines=5)
+    assert json.loads(text) == {"event": "progress", "step": 3} and api.auth == ["Bearer static"]
+
+
+async def test_api_errors_keep_the_status_reason() -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        body = {"kind": "Status", "reason": "Forbidden", "message": 'pods "p" is forbidden', "code": 403}
+        return web.json_response(body, status=403)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        loaded = kube.Loaded(kube.Configuration(host=f"http://127.0.0.1:{port}"), "env")
+        async with kube.Kube(kube.ApiClient(loaded.configuration), loaded) as k:
+            with pytest.raises(kube.ApiError) as err:
+                await k.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ml"}})
+            assert (err.value.status, err.value.reason) == (403, "Forbidden") and "forbidden" in err.value.message
+            with pytest.raises(kube.ApiError):
+                await k.pod_log("ml", "p")
+    finally:
+        await runner.cleanup()
