@@ -59,6 +59,8 @@ def _close(p: Pass, rec: dict[str, Any], pod: PodObservation | None) -> None:
     if rec.get("role") == ROLE_TRAIN and result == RESULT_COMPLETED and isinstance(summary.get("step"), int):
         prog = dict(st.get("progress") or {})
         prog.update(step=summary["step"], percent=100.0, updatedAt=p.ts)
+        if "stale" in prog:  # the summary is read from the pod status, not the log
+            prog["stale"] = False
         prog.setdefault("totalSteps", summary["step"])
         st["progress"] = prog
     if rec.get("role") == ROLE_EXPORT and result == RESULT_COMPLETED:
@@ -118,7 +120,8 @@ def record_live_progress(p: Pass, live: list[PodObservation]) -> None:
             if {k: cur.get(k) for k in prog} == prog and not cur.get("stale"):
                 continue  # nothing new in the log: no write (updatedAt says when it last moved)
             prog["updatedAt"] = p.ts
+            if "stale" in cur:  # false, not absent: a merge patch keeps keys it does not name
+                prog["stale"] = False
             p.st["progress"] = prog
         elif cur.get("stale") and pod.phase == "Running":  # readable again, nothing printed yet
-            cur.pop("stale")
-            p.st["progress"] = cur
+            p.st["progress"] = {**cur, "stale": False}

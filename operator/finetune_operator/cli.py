@@ -23,7 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--metrics-port", type=int, default=9090, help="Prometheus metrics at :PORT/metrics (0: off)"
     )
-    run.add_argument("-v", "--verbose", action="store_true")
+    run.add_argument("-v", "--verbose", action="store_true", help="DEBUG logs: every pass, kopf's handler lines")
+    run.add_argument("--log-format", choices=("full", "plain", "json"), default="full",
+                     help="one line per transition or error: full (time, logger, level), plain, or json "
+                          "(one object per line, with the object's namespace/name where known)")  # fmt: skip
     local = sub.add_parser(
         "local", help="run FineTuneJobs end to end on this machine, pods as local processes"
     )
@@ -36,16 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int, verbose: bool) -> int:
+def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int, verbose: bool,
+                 log_format: str = "full") -> int:  # fmt: skip
     import kopf
 
     from . import handlers, metrics
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat[log_format.upper()], log_refkey="object")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(handlers.QUIET_SUCCESS)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if metrics_port:
         metrics.serve(metrics_port)
-    del handlers  # imported for its handlers' registration
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         from .local import main as local_main
 
         return local_main(args.file, args.workdir, args.timeout)
-    return run_operator(args.namespace, args.liveness_port, args.metrics_port, args.verbose)
+    return run_operator(args.namespace, args.liveness_port, args.metrics_port, args.verbose, args.log_format)
 
 
 if __name__ == "__main__":

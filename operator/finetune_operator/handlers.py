@@ -169,12 +169,13 @@ async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any, inform
             raise kopf.TemporaryError(what, delay=SETTINGS.pending_interval) from e
         if obj["kind"] == "Pod" and informer is not None:
             informer.created(str(ns), created if isinstance(created, dict) and created.get("metadata") else obj)
-        logger.info("%s %s %s/%s", "created" if created else "found existing", obj["kind"], ns, obj["metadata"]["name"])
+        logger.log(logging.DEBUG if created else logging.INFO, "%s %s %s/%s",  # the transition line says it
+                   "created" if created else "found existing", obj["kind"], ns, obj["metadata"]["name"])  # fmt: skip
     for d in plan.delete:
         if informer is not None and not informer.deleting(str(ns), d.name):
             continue  # asked already; the watch has not shown its deletionTimestamp yet
         if await kube.delete("v1", "pods", ns, d.name, d.grace_seconds):
-            logger.info("deleting Pod %s/%s", ns, d.name)
+            logger.debug("deleting Pod %s/%s", ns, d.name)
     if plan.status is not None:
         written = await kube.patch(API_VERSION, PLURAL, ns, name, {"status": plan.status}, subresource="status")
         if informer is not None:
@@ -244,8 +245,9 @@ async def reconcile_job(namespace: str, name: str, logger: Any = log) -> Plan | 
 
 
 class _QuietSuccess(logging.Filter):
-    """kopf logs "Handler '...' succeeded." at INFO for every event: DEBUG here (dropped unless
-    the operator runs with --verbose)."""
+    """kopf logs "Handler '...' succeeded." at INFO for every event (and "Activity '...' succeeded."
+    at startup): DEBUG here, dropped unless the operator runs with --verbose. Installed on the
+    kopf.objects logger and, by `finetune-operator run`, on the root handlers."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.INFO and str(record.msg).endswith(" succeeded."):

@@ -38,7 +38,7 @@ from .executor import LocalPodExecutor
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
 from .reconcile import Plan, Settings, reconcile
 from .spec import SpecError, parse_spec, yaml_load, yaml_load_all
-from .status import PHASE_FAILED, PHASE_SUCCEEDED
+from .status import PHASE_FAILED, PHASE_SUCCEEDED, merge_patch
 
 LOCAL_SETTINGS = Settings(worker_image="local", grace_seconds=60, backoff_base=2.0, backoff_max=30.0,
                           progress_interval=1.0, pending_interval=1.0)  # fmt: skip
@@ -203,11 +203,7 @@ class LocalRunner:
                 self.executor.start(obj)
         for d in plan.delete:
             self.executor.delete(d.name, d.grace_seconds if d.grace_seconds is not None else 30)
-        for key, value in (plan.status or {}).items():
-            if value is None:
-                job["status"].pop(key, None)
-            else:
-                job["status"][key] = value
+        job["status"] = merge_patch(job["status"], plan.status or {})
         who = "" if self.single else f"{name}: "
         for ev in plan.events:  # what `kubectl describe` would show: why a row changed
             if ev["type"] == "Warning" or ev["reason"] in SHOWN_EVENTS:

@@ -328,12 +328,15 @@ def _progress_from(st: dict[str, Any], checkpoint: dict[str, Any] | None, ts: st
     """status.progress of a new training attempt: the resumed checkpoint's step (0 without one),
     not the previous attempt's last log line."""
     total = (st.get("progress") or {}).get("totalSteps")
+    was_stale = "stale" in (st.get("progress") or {})
     step = (checkpoint or {}).get("step")
     step = step if isinstance(step, int) and not isinstance(step, bool) else 0
     prog: dict[str, Any] = {"step": step, "updatedAt": ts}
     if isinstance(total, (int, float)) and total > 0:
         prog["totalSteps"] = total
         prog["percent"] = round(min(100.0, 100.0 * step / total), 1)
+    if was_stale:  # false, not absent: a merge patch keeps keys it does not name
+        prog["stale"] = False
     st["progress"] = prog
 
 

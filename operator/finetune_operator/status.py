@@ -129,8 +129,31 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | N
     matters changed (a progress report that differs only in updatedAt is not a change)."""
     if _without_volatile(old) == _without_volatile(new):
         return None
-    patch: dict[str, Any] = {k: copy.deepcopy(v) for k, v in new.items() if old.get(k) != v}
+    patch = _with_removals(old, new)
+    return {k: v for k, v in patch.items() if k not in new or old.get(k) != new[k]} or None
+
+
+def _with_removals(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new`, plus null for each key `old` had and `new` dropped, at any depth of nested objects:
+    a JSON merge patch merges objects key by key, so a key it does not name stays."""
+    out: dict[str, Any] = {}
+    for k, v in new.items():
+        was = old.get(k)
+        out[k] = _with_removals(was, v) if isinstance(was, dict) and isinstance(v, dict) else copy.deepcopy(v)
     for k in old:
         if k not in new:
-            patch[k] = None
-    return patch or None
+            out[k] = None
+    return out
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """`target` with the JSON merge patch (RFC 7386) applied, as the API server applies it."""
+    out = copy.deepcopy(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_patch(out[k], v)
+        else:
+            out[k] = merge_patch({}, v) if isinstance(v, dict) else copy.deepcopy(v)
+    return out

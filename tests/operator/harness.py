@@ -250,6 +250,15 @@ class Cluster:
     ) -> list[dict[str, Any]]:
         return self.list("v1", "pods", namespace, label_selector)
 
+    def requests(self, since: float = 0.0) -> list[tuple[float, str, str, str]]:
+        """HTTP requests served since `since` (time.monotonic()): (time, method, path?query, User-Agent).
+        Only operators talk HTTP here; the kubelet and these helpers use the store directly."""
+        return self.call(lambda: [r for r in self.api.served if r[0] >= since])
+
+    def log_outage(self, code: int | None) -> None:
+        """Make pods/log answer `code` (e.g. 500: kubelet unreachable) until called with None."""
+        self.call(setattr, self.api, "log_outage", code)
+
     def watches_opened(self, api_version: str, plural: str) -> int:
         """How many watch streams on the resource were opened so far (to know an operator is watching)."""
         return self.call(lambda: self.api.watches_opened[self._res(api_version, plural).key])

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import traceback
 from typing import Any
 
@@ -60,6 +61,12 @@ class FixedKubernetesEmulator(ObjectStore, kmock.KubernetesEmulator):
 
     kubelet: Kubelet | None = attrs.field(default=None, init=False)
     keep_history: bool = True
+    # Every HTTP request served, as (monotonic time, method, path?query, User-Agent): tests count
+    # what an operator sends (the test kubelet and the harness's helpers call the store directly).
+    served: list[tuple[float, str, str, str]] = attrs.field(factory=list, init=False)
+    # A pods/log outage (kubelet unreachable, NotReady node): the log subresource answers this
+    # status code while set (e.g. 500), as a real API server relays a kubelet error.
+    log_outage: int | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -79,6 +86,9 @@ class FixedKubernetesEmulator(ObjectStore, kmock.KubernetesEmulator):
 
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         await raw.read()
+        self.served.append((time.monotonic(), raw.method, raw.path_qs,
+                            raw.headers.get("User-Agent", "")))  # fmt: skip
+        del self.served[:-REQUEST_LOG_KEEP * 50]
         route = self._route(raw.path)
         if route is None:  # discovery and anything else: kmock's scaffold
             del self._requests[:-REQUEST_LOG_KEEP]
@@ -174,6 +184,9 @@ class FixedKubernetesEmulator(ObjectStore, kmock.KubernetesEmulator):
         pod = self.get_object(self._res[("", "v1", "pods")], ns, name)
         if pod is None:
             raise api_error(404, "NotFound", f'pods "{name}" not found')
+        if self.log_outage is not None:
+            raise api_error(self.log_outage, "InternalError", f'Get "https://node-1:10250/containerLogs/{ns}/{name}/worker'
+                            '?tailLines=40": dial tcp 10.0.0.7:10250: connect: connection refused')  # fmt: skip
         if self.kubelet is None or not self.kubelet.owns(ns, name):
             container = (pod.get("spec", {}).get("containers") or [{}])[0].get("name", "")
             raise api_error(

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from finetune_operator.builders import LABEL_ATTEMPT, LABEL_ROLE, ROLE_EXPORT, ROLE_TRAIN
 from finetune_operator.observe import Observed, observe_pod
 from finetune_operator.reconcile import Plan, Settings, reconcile
-from finetune_operator.status import PHASES, TERMINAL_PHASES
+from finetune_operator.status import PHASES, TERMINAL_PHASES, merge_patch
 
 FUZZ_SIM = settings(FUZZ, max_examples=150)  # each example is up to 65 passes
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -114,12 +114,7 @@ def one_pass(w: World) -> Plan:
     plan = reconcile(w.job, observed, w.now, SETTINGS)
     assert w.job == before, "reconcile mutated the job it was given"
     old = w.job["status"]
-    new = copy.deepcopy(old)
-    for k, v in (plan.status or {}).items():
-        if v is None:
-            new.pop(k, None)
-        else:
-            new[k] = v
+    new = merge_patch(old, plan.status or {})
     json.dumps(new, allow_nan=False)  # the API server stores JSON: no NaN, no objects
     assert new.get("phase", "Pending") in PHASES
 
@@ -282,11 +277,7 @@ def test_observing_any_pod_status_never_raises(status: dict[str, Any], log: str 
 
 def applied(job: dict[str, Any], plan: Plan) -> tuple[dict[str, Any], Plan]:
     job = copy.deepcopy(job)
-    for k, v in (plan.status or {}).items():
-        if v is None:
-            job["status"].pop(k, None)
-        else:
-            job["status"][k] = v
+    job["status"] = merge_patch(job["status"], plan.status or {})
     return job, plan
 
 
@@ -298,7 +289,7 @@ def test_non_finite_numbers_from_a_worker_never_reach_status() -> None:
     pod = next(iter(w.pods.values()))
     pod.phase, pod.log = "Running", '{"event": "progress", "step": 4, "totalSteps": 10, "loss": NaN}'
     one_pass(w)  # json.dumps(allow_nan=False) inside
-    assert w.job["status"]["progress"]["loss"] is None and w.job["status"]["progress"]["step"] == 4
+    assert w.job["status"]["progress"].get("loss") is None and w.job["status"]["progress"]["step"] == 4  # null: dropped, as a merge patch does
     end(pod, 75, "Error", '{"result": "preempted", "step": 1e400, "checkpoint": "checkpoint-4"}')
     one_pass(w)
     assert w.job["status"]["checkpoint"]["name"] == "checkpoint-4"

@@ -11,7 +11,7 @@ import pytest
 from finetune_operator.builders import CONFIG_ENV_MAX_BYTES
 from finetune_operator.observe import Observed, PodObservation
 from finetune_operator.reconcile import Plan, Settings, reconcile
-from finetune_operator.status import get_condition
+from finetune_operator.status import get_condition, merge_patch
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 SETTINGS = Settings(worker_image="worker:test", backoff_base=10, backoff_max=300, grace_seconds=120)
@@ -42,11 +42,7 @@ def pod(name: str, phase: str = "Running", result: str | None = None, **kw: Any)
 def apply(j: dict[str, Any], plan: Plan) -> dict[str, Any]:
     """The job as it would be stored after the plan's status patch."""
     j = copy.deepcopy(j)
-    for k, v in (plan.status or {}).items():
-        if v is None:
-            j["status"].pop(k, None)
-        else:
-            j["status"][k] = v
+    j["status"] = merge_patch(j["status"], plan.status or {})
     return j
 
 

@@ -1,0 +1,164 @@
+"""The operator as an informer: no finalizer, no requests while nothing changes, a pod log outage
+that stalls nothing, progress of a resumed attempt, quiet logs.
+
+The emulator records every HTTP request it serves (only operators speak HTTP to it: the test
+kubelet and the harness's helpers use its store directly), so the tests count what the real
+operator sends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Cluster, OperatorRunner, finetune_job
+from test_operator_lifecycle import FAKE, FAST_ENV, configure, spec, status, wait_phase
+
+from finetune_operator import contract
+
+pytestmark = pytest.mark.operator
+IDLE_WINDOW = 4.0  # seconds watched after settling: 8 progress intervals at FINETUNE_RESYNC_SECONDS=0.5
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir()
+    script = d / "finetune-worker"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    script.chmod(0o755)
+    return d
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    for k, v in FAST_ENV.items():
+        monkeypatch.setenv(k, v)
+    c = Cluster(tmp_path / "cluster", bin_dir=fake_bin).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def operator(cluster: Cluster) -> Iterator[OperatorRunner]:
+    runner = OperatorRunner(cluster.url, cluster=cluster).start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+
+
+def test_no_finalizer_ever_and_deletion_with_the_operator_down_completes_at_once(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    configure(cluster, "fin-workspace", steps=3)
+    configure(cluster, "gone-workspace", steps=400, stepSeconds=0.05)
+    cluster.create(finetune_job("fin", spec(ttlSecondsAfterFinished=1)))
+    cluster.create(finetune_job("gone", spec()))
+    wait_phase(cluster, "gone", "Training")
+    # TTL still fires (from the operator's scheduler, not a kopf timer)
+    cluster.wait_for(lambda: cluster.job("fin") is None, 60, what="fin deleted by its TTL")
+    history = cluster.history(contract.API_VERSION, contract.PLURAL, "default", "fin")
+    assert any((v.get("status") or {}).get("phase") == "Succeeded" for v in history)
+    assert [v["metadata"].get("finalizers") for v in history if v["metadata"].get("finalizers")] == []
+    operator.stop()
+    assert not cluster.job("gone")["metadata"].get("finalizers")
+    cluster.delete(contract.API_VERSION, contract.PLURAL, "default", "gone")
+    assert cluster.job("gone") is None  # no finalizer to wait for: gone at once, operator down
+    cluster.wait_for(lambda: cluster.pods(label_selector="finetune.dev/job=gone") == [], 30,
+                     what="the pod collected through its ownerReference")  # fmt: skip
+
+
+def test_a_pod_log_outage_marks_progress_stale_and_suspend_still_stops_the_pod(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    configure(cluster, "out-workspace", steps=400, stepSeconds=0.05)
+    cluster.create(finetune_job("out", spec(training={"maxSteps": 400, "checkpoint": {"everySteps": 5}})))
+    cluster.wait_for(lambda: (status(cluster, "out").get("progress") or {}).get("step"), 30, what="progress")
+    cluster.log_outage(500)
+    st = cluster.wait_for(lambda: (s := status(cluster, "out")).get("progress", {}).get("stale") and s, 30,
+                          what="progress marked stale")  # fmt: skip
+    assert st["phase"] == "Training" and "progress stale" in st["message"] and "500" in st["message"]
+    cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "out", {"spec": {"suspend": True}})
+    st = cluster.wait_for(lambda: (s := status(cluster, "out")).get("reason") == "Suspended" and s, 30,
+                          what="suspended while the log is unreadable")  # fmt: skip
+    assert cluster.pod("out-train-1") is None and st["attempts"][0]["result"] == "preempted"
+    cluster.log_outage(None)
+    cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "out", {"spec": {"suspend": False}})
+    try:
+        cluster.wait_for(lambda: (s := status(cluster, "out")).get("phase") == "Training"
+                         and (s.get("progress") or {}).get("step", 0) > st["checkpoint"]["step"]
+                         and not s["progress"].get("stale"), 30)  # fmt: skip
+    except TimeoutError:
+        pytest.fail(f"no fresh progress after the outage: {status(cluster, 'out')}")
+
+
+def test_a_resumed_attempt_reports_progress_from_its_checkpoint(cluster: Cluster, operator: OperatorRunner) -> None:
+    configure(cluster, "res-workspace", steps=200, stepSeconds=0.05)
+    cluster.create(finetune_job("res", spec(training={"maxSteps": 200, "checkpoint": {"everySteps": 20}})))
+    cluster.wait_for(lambda: (status(cluster, "res").get("progress") or {}).get("step", 0) >= 30, 30,
+                     what="progress past the first checkpoint")  # fmt: skip
+    cluster.kubelet.kill("res-train-1", signal.SIGKILL)
+    cluster.wait_for(lambda: cluster.pod("res-train-2"), 30, what="second training pod")
+    history = cluster.history(contract.API_VERSION, contract.PLURAL, "default", "res")
+    launched = next(v["status"] for v in history if len((v.get("status") or {}).get("attempts") or []) == 2)
+    resumed = launched["attempts"][1]["resumedFrom"]
+    before = [v["status"]["progress"]["step"] for v in history if len((v.get("status") or {}).get("attempts") or []) == 1
+              and (v["status"].get("progress") or {}).get("step") is not None]  # fmt: skip
+    assert resumed == launched["checkpoint"]["name"] and launched["progress"]["step"] == launched["checkpoint"]["step"]
+    assert max(before) > launched["progress"]["step"], "the new attempt must not show the old attempt's last step"
+    wait_phase(cluster, "res", "Succeeded", 60)
+
+
+def _lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.mark.slow
+def test_idle_jobs_cost_no_requests_and_no_log_lines(tmp_path: Path) -> None:
+    """`finetune-operator run --log-format json` with 3 jobs whose pods stay Pending (no kubelet)
+    and 2 Succeeded jobs: after settling, a window of IDLE_WINDOW seconds (8 progress intervals)
+    holds no request and no log line."""
+    with Cluster(tmp_path / "cluster", kubelet=False) as cluster:
+        for i in range(2):
+            cluster.create(finetune_job(f"done-{i}", spec()))
+            cluster.patch(contract.API_VERSION, contract.PLURAL, "default", f"done-{i}",
+                          {"status": {"phase": "Succeeded", "reason": "Exported", "message": "exported"}},
+                          subresource="status")  # fmt: skip
+        log = tmp_path / "operator.log"
+        env = {**os.environ, **FAST_ENV, "FINETUNE_KUBE_SERVER": cluster.url}
+        exe = Path(sys.executable).with_name("finetune-operator")
+        with log.open("w") as out:
+            proc = subprocess.Popen([str(exe), "run", "-n", "default", "--liveness-port", "0", "--metrics-port", "0",
+                                     "--log-format", "json"], env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            for i in range(3):
+                cluster.create(finetune_job(f"idle-{i}", spec()))
+            for i in range(3):
+                cluster.wait_for(lambda i=i: status(cluster, f"idle-{i}").get("reason") == "PodStarting"
+                                 and cluster.pod(f"idle-{i}-train-1"), 30, what=f"idle-{i} pending")  # fmt: skip
+            time.sleep(1.0)  # settle: Events posted, watches caught up
+            t0, lines0 = time.monotonic(), len(_lines(log))
+            time.sleep(IDLE_WINDOW)
+            sent, lines = cluster.requests(t0), _lines(log)[lines0:]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        everything = cluster.requests()
+        assert any("finetune-operator" in r[3] and r[1] == "POST" for r in everything), "requests are recorded"
+        assert sent == [], f"idle jobs sent {len(sent)} requests in {IDLE_WINDOW}s: {sent[:10]}"
+        assert lines == [], f"idle jobs logged {len(lines)} lines in {IDLE_WINDOW}s: {lines[:5]}"
+        docs: list[dict[str, Any]] = [json.loads(ln) for ln in _lines(log)]  # every line is JSON
+        assert any("idle-0" in d.get("message", "") for d in docs)
+        assert not any("succeeded." in d.get("message", "") for d in docs), "kopf's per-handler success lines are DEBUG"
+        assert proc.returncode == 0

@@ -1,0 +1,162 @@
+"""Watch-driven observation: decisions while a pod's log cannot be read, progress of a resumed
+attempt, the informer's read-your-writes, the scheduler, and what observe() asks the API."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from typing import Any
+
+from test_reconcile import SETTINGS, T0, job, pod, started, step
+
+from finetune_operator import handlers
+from finetune_operator.informer import Informer, Scheduler
+from finetune_operator.kube import ApiError
+from finetune_operator.observe import observe_pod
+
+OUTAGE = "cannot read the log of pod faq-train-1: 500 InternalError"
+PROGRESS = {"step": 5, "totalSteps": 20}
+
+
+def training() -> dict[str, Any]:
+    j, _ = step(started(job()), [pod("faq-train-1", progress=PROGRESS)])
+    assert j["status"]["phase"] == "Training" and j["status"]["progress"]["step"] == 5
+    return j
+
+
+def test_an_unreadable_log_marks_progress_stale_and_changes_nothing_else() -> None:
+    j, plan = step(training(), [pod("faq-train-1", log_error=OUTAGE)])
+    st = j["status"]
+    assert plan.create == [] and plan.delete == [] and st["phase"] == "Training"
+    assert st["progress"]["stale"] is True and st["progress"]["step"] == 5  # the last values stay
+    assert st["message"] == f"training pod faq-train-1: step 5/20 (progress stale: {OUTAGE})"
+    again, plan = step(j, [pod("faq-train-1", log_error=OUTAGE)])
+    assert plan.status is None, "a lasting outage writes nothing more"
+    fresh, _ = step(again, [pod("faq-train-1", progress={"step": 9, "totalSteps": 20})])
+    assert fresh["status"]["progress"]["stale"] is False and fresh["status"]["progress"]["step"] == 9
+    assert "stale" not in fresh["status"]["message"]
+
+
+def test_suspend_requested_while_the_log_errors_stops_the_pod() -> None:
+    j = training()
+    j["spec"]["suspend"] = True
+    j, plan = step(j, [pod("faq-train-1", log_error=OUTAGE)])
+    assert [d.name for d in plan.delete] == ["faq-train-1"] and j["status"]["phase"] == "Suspended"
+
+
+def test_a_pod_ending_while_its_log_errors_is_recorded() -> None:
+    ended = pod("faq-train-1", phase="Failed", result="preempted", exit_code=75, log_error=OUTAGE)
+    j, plan = step(training(), [ended])
+    assert j["status"]["attempts"][0]["result"] == "preempted"
+    assert [o["metadata"]["name"] for o in plan.create if o["kind"] == "Pod"] == ["faq-train-2"]
+
+
+def test_a_resumed_attempt_starts_its_progress_at_the_checkpoint() -> None:
+    """The previous attempt printed step 5 after checkpoint-7? No: it checkpointed at 7 and printed
+    step 9; the new attempt resumes from checkpoint-7 and reports step 7 until its own log speaks."""
+    j, _ = step(started(job()), [pod("faq-train-1", progress={"step": 9, "totalSteps": 20},
+                                     checkpoint={"name": "checkpoint-7", "step": 7})])  # fmt: skip
+    ended = pod("faq-train-1", phase="Failed", result="evicted", reason="Evicted")
+    j, plan = step(j, [ended])
+    st = j["status"]
+    assert st["attempts"][-1]["resumedFrom"] == "checkpoint-7"
+    assert st["progress"]["step"] == 7 and st["progress"]["percent"] == 35.0 and "loss" not in st["progress"]
+    resumed = next(e for e in plan.events if e["reason"] == "Resumed")
+    assert "resuming from checkpoint-7" in resumed["message"]
+    j, _ = step(j, [ended, pod("faq-train-2", progress=None)])
+    assert "step 7/20" in j["status"]["message"]
+
+
+def test_a_pending_pod_needs_no_requeue_but_a_running_one_does() -> None:
+    _, plan = step(started(job()), [pod("faq-train-1", phase="Pending")])
+    assert plan.requeue_after is None  # its watch events bring what changes
+    _, plan = step(started(job()), [pod("faq-train-1", phase="Running")])
+    assert plan.requeue_after == SETTINGS.progress_interval
+
+
+def body(name: str, rv: int, **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "ml", "resourceVersion": str(rv), "uid": "u-1"}, "status": status}
+
+
+def test_the_informer_reads_its_own_writes_until_the_watch_catches_up() -> None:
+    index: dict[Any, list[Any]] = {("ml", "faq"): [body("faq", 10, phase="Pending")]}
+    inf = Informer(jobs=index)
+    inf.wrote("ml", "faq", body("faq", 11, phase="Training"))
+    assert inf.job("ml", "faq")["status"]["phase"] == "Training"
+    index[("ml", "faq")] = [body("faq", 12, phase="Training", reason="x")]
+    assert inf.job("ml", "faq")["status"] == {"phase": "Training", "reason": "x"} and inf.written == {}
+
+
+def test_a_created_pod_counts_until_the_watch_shows_it() -> None:
+    pods: dict[Any, list[Any]] = {}
+    inf = Informer(pods=pods)
+    created = {"metadata": {"name": "faq-train-1", "labels": {"finetune.dev/job": "faq"}}}
+    inf.created("ml", created)
+    assert [p["metadata"]["name"] for p in inf.pods("ml", "faq")] == ["faq-train-1"]
+    pods[("ml", "faq")] = [{**created, "status": {"phase": "Running"}}]
+    assert inf.pods("ml", "faq") == [{**created, "status": {"phase": "Running"}}] and inf.expected == {}
+
+
+async def test_the_scheduler_runs_each_job_when_due_and_only_then() -> None:
+    ran: list[tuple[str, str, float]] = []
+    t0 = time.monotonic()
+
+    async def run(ns: str, name: str) -> None:
+        ran.append((ns, name, time.monotonic() - t0))
+
+    sched = Scheduler(run)
+    task = asyncio.create_task(sched.loop())
+    sched.at(("ml", "late"), t0 + 0.3)
+    sched.at(("ml", "soon"), t0 + 0.05)
+    sched.at(("ml", "moved"), t0 + 0.05)
+    sched.at(("ml", "moved"), t0 + 0.2)  # rescheduled: runs once, at the later time
+    sched.at(("ml", "gone"), t0 + 0.1)
+    sched.forget(("ml", "gone"))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    await sched.stop()
+    assert [r[1] for r in ran] == ["soon", "moved", "late"]
+    assert ran[1][2] >= 0.2 and ran[2][2] >= 0.3
+
+
+class LogOutageKube:
+    def __init__(self) -> None:
+        self.log_reads = 0
+
+    async def pod_log(self, ns: str, name: str, tail_lines: int = 40) -> str:
+        self.log_reads += 1
+        raise ApiError(500, "InternalError", "dial tcp 10.0.0.7:10250: connect: connection refused")
+
+    async def get(self, *_: Any) -> None:
+        raise AssertionError("observe must not GET what the informer has")
+
+
+def test_observe_survives_a_log_outage_and_reads_the_log_at_most_once_per_interval() -> None:
+    j = training()
+    j["metadata"]["resourceVersion"] = "1"
+    running = {"metadata": {"name": "faq-train-1", "namespace": "ml", "ownerReferences": [{"uid": "u-1"}],
+                            "labels": {"finetune.dev/role": "train", "finetune.dev/attempt": "1"}},
+               "status": {"phase": "Running"}}  # fmt: skip
+    inf = Informer(jobs={("ml", "faq"): [j]}, pods={("ml", "faq"): [running]})
+    kube = LogOutageKube()
+    first = asyncio.run(handlers.observe(kube, inf, j))  # type: ignore[arg-type]
+    second = asyncio.run(handlers.observe(kube, inf, j))  # type: ignore[arg-type]
+    assert first.pods[0].log_error == second.pods[0].log_error == OUTAGE and kube.log_reads == 1
+    assert first.pods[0] == observe_pod(running, None, OUTAGE)
+    j["spec"]["suspend"] = True  # a suspended job's pod is not read at all
+    inf.tails.clear()
+    asyncio.run(handlers.observe(kube, inf, j))  # type: ignore[arg-type]
+    assert kube.log_reads == 1
+
+
+def test_the_ttl_of_a_finished_job_is_a_requeue_not_a_poll() -> None:
+    j, _ = step(job(spec={"ttlSecondsAfterFinished": 30},
+                    status={"phase": "Succeeded", "completionTime": "2026-01-01T12:00:00Z"}), [])  # fmt: skip
+    _, plan = step(j, [], now=T0 + dt.timedelta(seconds=10))
+    assert plan.requeue_after == 20 and not plan.delete_job and plan.status is None
+    _, plan = step(j, [], now=T0 + dt.timedelta(seconds=31))
+    assert plan.delete_job
+    j, _ = step(job(status={"phase": "Succeeded"}), [])
+    _, plan = step(j, [])
+    assert plan.requeue_after is None and plan.status is None  # left to the slow safety resync
