@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import random
 import sys
+import time
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--metrics-port", type=int, default=9090, help="Prometheus metrics at :PORT/metrics (0: off)"
     )
+    run.add_argument("--peering", metavar="NAME", default=os.environ.get("FINETUNE_PEERING") or None,
+                     help="HA: run as one of several replicas that share the ClusterKopfPeering NAME (created if "
+                          "missing; its CRD is in manifests/peering): the oldest live replica is active, the "
+                          "others stand by (default: env FINETUNE_PEERING; unset: standalone, one process)")  # fmt: skip
+    run.add_argument("--priority", type=int, default=None,
+                     help="peering priority (highest is active; default: earlier start = higher, so a "
+                          "restarted or new replica never preempts the active one)")  # fmt: skip
     run.add_argument("-v", "--verbose", action="store_true", help="DEBUG logs: every pass, kopf's handler lines")
     run.add_argument("--log-format", choices=("full", "plain", "json"), default="full",
                      help="one line per transition or error: full (time, logger, level), plain, or json "
@@ -39,8 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def start_priority(now: float | None = None) -> int:
+    """A peering priority that falls with the start time (milliseconds; a random tie-break): kopf
+    pauses every replica when two share a priority, and pauses the active one when a higher one
+    appears, so the longest-running replica must stay the highest."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return (10**13 - ms) * 1000 + random.SystemRandom().randrange(1000)
+
+
 def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int, verbose: bool,
-                 log_format: str = "full") -> int:  # fmt: skip
+                 log_format: str = "full", peering: str | None = None, priority: int | None = None) -> int:  # fmt: skip
     import kopf
 
     from . import handlers, metrics
@@ -54,7 +72,9 @@ def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int, v
     kopf.run(
         clusterwide=not namespaces,
         namespaces=namespaces,
-        standalone=True,  # one replica, Recreate: no peering objects needed
+        standalone=not peering,
+        peering_name=peering or None,
+        priority=(priority if priority is not None else start_priority()) if peering else None,
         liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
     )
     return 0
@@ -66,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         from .local import main as local_main
 
         return local_main(args.file, args.workdir, args.timeout)
-    return run_operator(args.namespace, args.liveness_port, args.metrics_port, args.verbose, args.log_format)
+    return run_operator(args.namespace, args.liveness_port, args.metrics_port, args.verbose, args.log_format,
+                        args.peering, args.priority)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def settings_from_env() -> Settings:
 
 SETTINGS = settings_from_env()
 SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
-_state: dict[str, Any] = {"kube": None, "locks": {}, "informer": Informer(), "scheduler": None, "task": None}
+_state: dict[str, Any] = {"kube": None, "locks": {}, "informer": Informer(), "scheduler": None, "task": None,
+                          "paused": False}
 
 
 async def _kube() -> Kube:
@@ -257,6 +258,44 @@ class _QuietSuccess(logging.Filter):
 
 
 QUIET_SUCCESS = _QuietSuccess()
+PEERING_LOGGER = "kopf._core.engines.peering"
+PEERING_API = "kopf.dev/v1"
+
+
+class _PeeringState(logging.Handler):
+    """Whether kopf paused this replica for a peer (HA standby). kopf keeps that toggle to itself and
+    stops only its own watch streams; our scheduler must stop too, so it follows kopf's peering
+    lines ("Pausing operations ...", "Resuming operations ...", kopf 1.45)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = str(record.msg)
+        if text.startswith("Pausing "):
+            _state["paused"] = True
+        elif text.startswith("Resuming operations"):
+            _state["paused"] = False
+
+
+PEERING_STATE = _PeeringState()
+
+
+async def _join_peering(settings: kopf.OperatorSettings) -> None:
+    """Cluster-wide peering, whichever namespaces are served (one object to create and grant); the
+    ClusterKopfPeering is created if missing, so an install needs only its CRD."""
+    settings.peering.clusterwide = True
+    settings.peering.lifetime = int(os.environ.get("FINETUNE_PEERING_LIFETIME") or 60)
+    _state["paused"] = settings.peering.mandatory  # kopf starts a mandatory peer paused
+    peering = logging.getLogger(PEERING_LOGGER)
+    peering.setLevel(min(peering.getEffectiveLevel(), logging.INFO))
+    if PEERING_STATE not in peering.handlers:
+        peering.addHandler(PEERING_STATE)
+    obj = {"apiVersion": PEERING_API, "kind": "ClusterKopfPeering", "metadata": {"name": settings.peering.name}}
+    kube = await _kube()
+    try:
+        await kube.request("POST", f"/apis/{PEERING_API}/clusterkopfpeerings", body=obj)
+        log.info("created ClusterKopfPeering %s", settings.peering.name)
+    except ApiError as e:
+        if e.status != 409:
+            raise
 
 
 @kopf.on.startup()
@@ -269,7 +308,10 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     _state["locks"] = {}
     _state["kube"] = None
     _state["informer"] = Informer(kwargs["ftj_jobs"], kwargs["ftj_pods"], kwargs["ftj_claims"])
-    scheduler = Scheduler(lambda ns, name: reconcile_job(ns, name))
+    _state["paused"] = False
+    if not settings.peering.standalone:
+        await _join_peering(settings)
+    scheduler = Scheduler(lambda ns, name: reconcile_job(ns, name), paused=lambda: bool(_state["paused"]))
     _state["scheduler"] = scheduler
     _state["task"] = asyncio.create_task(scheduler.loop(), name="finetune-scheduler")
     logging.getLogger("kopf.objects").addFilter(QUIET_SUCCESS)

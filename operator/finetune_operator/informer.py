@@ -33,6 +33,7 @@ Key = tuple[str, str]  # (namespace, name)
 Index = Mapping[Any, Iterable[Any]]
 ENDED_CACHE_SIZE = 4096
 EXPECT_SECONDS = 60.0
+PAUSED_RECHECK = 1.0  # seconds between looks at the paused flag of a standby
 log = logging.getLogger("finetune_operator")
 
 
@@ -153,8 +154,10 @@ class Informer:
 class Scheduler:
     """Runs `run(namespace, name)` for each job when its time is due (see the module docstring)."""
 
-    def __init__(self, run: Callable[[str, str], Coroutine[Any, Any, Any]]) -> None:
+    def __init__(self, run: Callable[[str, str], Coroutine[Any, Any, Any]],
+                 paused: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
         self._run = run
+        self._paused = paused  # an HA standby keeps its schedule and runs nothing
         self._due: dict[Key, float] = {}
         self._heap: list[tuple[float, Key]] = []
         self._wake = asyncio.Event()
@@ -176,7 +179,7 @@ class Scheduler:
     async def loop(self) -> None:
         while True:
             now = time.monotonic()
-            while self._heap and self._heap[0][0] <= now:
+            while self._heap and self._heap[0][0] <= now and not self._paused():
                 when, key = heapq.heappop(self._heap)
                 if self._due.get(key) != when:
                     continue  # rescheduled or forgotten since
@@ -187,6 +190,8 @@ class Scheduler:
                     task.add_done_callback(self._done(key))
             self._wake.clear()
             timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+            if self._paused():
+                timeout = PAUSED_RECHECK
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 

@@ -162,3 +162,63 @@ def test_idle_jobs_cost_no_requests_and_no_log_lines(tmp_path: Path) -> None:
         assert any("idle-0" in d.get("message", "") for d in docs)
         assert not any("succeeded." in d.get("message", "") for d in docs), "kopf's per-handler success lines are DEBUG"
         assert proc.returncode == 0
+
+
+PEERING_LIFETIME = 4  # seconds; the Deployment uses 60 (README: operator settings)
+
+
+def _start_replica(cluster: Cluster, fake_env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).with_name("finetune-operator")
+    env = {**os.environ, **fake_env, "FINETUNE_KUBE_SERVER": cluster.url,
+           "FINETUNE_PEERING_LIFETIME": str(PEERING_LIFETIME)}  # fmt: skip
+    with log.open("w") as out:
+        return subprocess.Popen([str(exe), "run", "-n", "default", "--peering", "finetune-operator",
+                                 "--liveness-port", "0", "--metrics-port", "0"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _peers(cluster: Cluster) -> dict[str, Any]:
+    obj = cluster.get("kopf.dev/v1", "clusterkopfpeerings", None, "finetune-operator") or {}
+    return {k: v for k, v in (obj.get("status") or {}).items() if v}
+
+
+@pytest.mark.slow
+def test_ha_the_standby_takes_over_when_the_active_replica_is_killed(cluster: Cluster, tmp_path: Path) -> None:
+    """Two replicas peered through kopf: the one started first is active, the other stands by
+    (sends no job request); SIGKILL the active one, and the standby acts on the job within the
+    peering lifetime; the job completes with one pod per attempt."""
+    from kube_store import Res
+
+    cluster.call(cluster.api.register, Res("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering",
+                                           namespaced=False, status_subresource=False))  # fmt: skip
+    logs = {n: tmp_path / f"operator-{n}.log" for n in "ab"}
+    a = _start_replica(cluster, FAST_ENV, logs["a"])
+    b: subprocess.Popen[bytes] | None = None
+    try:
+        cluster.wait_for(lambda: "Resuming operations" in logs["a"].read_text() and len(_peers(cluster)) == 1, 60,
+                         what="replica a active")  # fmt: skip
+        b = _start_replica(cluster, FAST_ENV, logs["b"])
+        cluster.wait_for(lambda: len(_peers(cluster)) == 2, 60, what="replica b in the peering")
+        configure(cluster, "ha-workspace", steps=200, stepSeconds=0.05)
+        cluster.create(finetune_job("ha", spec(training={"maxSteps": 200, "checkpoint": {"everySteps": 10}})))
+        cluster.wait_for(lambda: (status(cluster, "ha").get("checkpoint") or {}).get("step"), 30, what="a checkpoint")
+        assert "default/ha" in logs["a"].read_text() and "default/ha" not in logs["b"].read_text()
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        killed = time.monotonic()
+        cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "ha", {"spec": {"suspend": True}})
+        cluster.wait_for(lambda: status(cluster, "ha").get("reason") == "Suspended", PEERING_LIFETIME + 30,
+                         what="the standby to act on the suspend")  # fmt: skip
+        handover = time.monotonic() - killed
+        assert handover < PEERING_LIFETIME + 5, f"handover took {handover:.1f}s"
+        assert "Resuming operations" in logs["b"].read_text() and "default/ha" in logs["b"].read_text()
+        cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "ha", {"spec": {"suspend": False}})
+        st = wait_phase(cluster, "ha", "Succeeded", 60)
+        assert [(x["pod"], x["result"]) for x in st["attempts"]] == [
+            ("ha-train-1", "preempted"), ("ha-train-2", "completed"), ("ha-export-1", "completed")]
+        print(f"HA handover after SIGKILL of the active replica: {handover:.1f}s (peering lifetime {PEERING_LIFETIME}s)")
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(60)

@@ -80,7 +80,8 @@ def test_kubernetes_validate_refuses_a_broken_deployment() -> None:
 
 
 def test_the_rendered_crd_is_the_crd_file() -> None:
-    (rendered,) = by_kind(render("manifests/default"), "CustomResourceDefinition")
+    (rendered,) = [c for c in by_kind(render("manifests/default"), "CustomResourceDefinition")
+                   if c["spec"]["group"] == "finetune.dev"]  # fmt: skip
     source = yaml.safe_load(CRD_PATH.read_text())
     rendered["metadata"]["labels"] = {k: v for k, v in rendered["metadata"]["labels"].items()
                                       if k not in ("app.kubernetes.io/version",)}  # fmt: skip
@@ -121,6 +122,7 @@ def test_rbac_is_least_privilege() -> None:
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
         ("", "namespaces"): {"list", "watch"},
         ("events.k8s.io", "events"): {"create"},
+        ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch", "create"},  # HA peering
         # the operator
         ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "delete"},
         ("finetune.dev", "finetunejobs/status"): {"get", "patch"},
@@ -152,8 +154,10 @@ def _operator_container(overlay: str = "manifests/default") -> tuple[dict[str, A
 def test_operator_deployment_is_locked_down() -> None:
     dep, c = _operator_container()
     pod = dep["spec"]["template"]["spec"]
-    assert dep["spec"]["replicas"] == 1
-    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["replicas"] == 2  # one active, one standby (kopf peering)
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     sc = c["securityContext"]
@@ -170,6 +174,10 @@ def test_operator_runs_a_command_its_cli_accepts_on_the_probed_ports() -> None:
     assert c["command"] == ["finetune-operator"]
     args = _parser().parse_args(c["args"])
     assert args.command == "run" and args.all_namespaces and not args.namespace
+    assert args.peering == "finetune-operator" and args.priority is None  # HA: priority from the start time
+    (peering_crd,) = [c for c in by_kind(render("manifests/default"), "CustomResourceDefinition")
+                      if c["spec"]["names"]["kind"] == "ClusterKopfPeering"]  # fmt: skip
+    assert peering_crd["spec"]["group"] == "kopf.dev" and peering_crd["spec"]["scope"] == "Cluster"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"healthz": args.liveness_port, "metrics": args.metrics_port} == {"healthz": 8080, "metrics": 9090}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
