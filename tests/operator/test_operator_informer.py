@@ -79,6 +79,20 @@ def test_no_finalizer_ever_and_deletion_with_the_operator_down_completes_at_once
                      what="the pod collected through its ownerReference")  # fmt: skip
 
 
+def test_a_job_from_an_older_version_loses_kopfs_finalizer(cluster: Cluster) -> None:
+    """Jobs created under the timer-based operator carry kopf's finalizer: the first look removes it."""
+    job = finetune_job("old", spec())
+    job["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]
+    configure(cluster, "old-workspace", steps=3)
+    cluster.create(job)
+    runner = OperatorRunner(cluster.url, cluster=cluster).start()
+    try:
+        cluster.wait_for(lambda: not cluster.job("old")["metadata"].get("finalizers"), 30, what="finalizer removed")
+        wait_phase(cluster, "old", "Succeeded", 60)
+    finally:
+        runner.stop()
+
+
 def test_a_pod_log_outage_marks_progress_stale_and_suspend_still_stops_the_pod(
     cluster: Cluster, operator: OperatorRunner
 ) -> None:

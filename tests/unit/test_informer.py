@@ -160,3 +160,16 @@ def test_the_ttl_of_a_finished_job_is_a_requeue_not_a_poll() -> None:
     j, _ = step(job(status={"phase": "Succeeded"}), [])
     _, plan = step(j, [])
     assert plan.requeue_after is None and plan.status is None  # left to the slow safety resync
+
+
+def test_an_earlier_start_is_a_higher_peering_priority_and_equal_starts_differ() -> None:
+    """kopf pauses every replica when two share a priority, and the active one when a higher one
+    appears: a replica started later must rank lower, and two started together must not tie."""
+    from finetune_operator.cli import _parser, start_priority
+
+    first, later = start_priority(1_700_000_000.0), start_priority(1_700_000_000.5)
+    assert first > later and 0 < later < 2**53  # exact as a JSON number everywhere
+    assert len({start_priority(1_700_000_000.0) for _ in range(20)}) > 1
+    args = _parser().parse_args(["run", "--peering", "p", "--log-format", "json"])
+    assert (args.peering, args.priority, args.log_format) == ("p", None, "json")
+    assert _parser().parse_args(["run"]).peering is None  # standalone unless asked (or FINETUNE_PEERING)
