@@ -7,11 +7,14 @@ API server's own change feed, the time from each job's create call to the creati
 training pod. It prints p50/p99 of that latency per N, the ratio of each p50 to the single-job
 p50 measured in the same run (the baseline), the operator's RSS growth per job and its CPU time
 per job (user+system, including the status writes and Events that follow the pod's creation).
+Then, with every job idle (pods Pending forever), it counts for `--idle` seconds the HTTP requests
+the emulator serves (only the operator talks HTTP to it) and the operator's log lines: requests
+per job per minute and log lines per job per hour at steady state (goal: 0 for both).
 The emulated API server runs in this process, single-threaded, and at 500 jobs it is the
 bottleneck (the operator process waits on it most of the time): read the latencies at scale as
 an upper bound, and the CPU per job as the operator's own cost.
 
-    python bench/bench_operator.py [--sizes 1,100,500] [--timeout 600]
+    python bench/bench_operator.py [--sizes 1,100,500] [--timeout 600] [--idle 20]
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def measure(n: int, timeout: float) -> dict[str, Any]:
+def measure(n: int, timeout: float, idle: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
+        log = Path(tmp) / "operator.log"
         cluster = Cluster(Path(tmp), kubelet=False).start()
         pod_seen: dict[str, float] = {}
         all_seen = threading.Event()
@@ -76,9 +80,9 @@ def measure(n: int, timeout: float) -> dict[str, Any]:
         port = free_port()
         env = {**os.environ, "FINETUNE_KUBE_SERVER": cluster.url}
         exe = Path(sys.executable).with_name("finetune-operator")
-        proc = subprocess.Popen([str(exe), "run", "--namespace", "default", "--liveness-port", str(port),
-                                 "--metrics-port", "0"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        with log.open("w") as out:
+            proc = subprocess.Popen([str(exe), "run", "--namespace", "default", "--liveness-port", str(port),
+                                     "--metrics-port", "0"], env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             cluster.wait_for(lambda: healthy(port), 60, what="operator liveness")
             time.sleep(1.0)
@@ -98,6 +102,10 @@ def measure(n: int, timeout: float) -> dict[str, Any]:
             time.sleep(2.0)  # let status writes and events settle before reading memory
             rss_after = ps.memory_info().rss
             cpu = sum(ps.cpu_times()[:2]) - cpu_before
+            t_idle, lines_before = time.monotonic(), len(log.read_text().splitlines())
+            time.sleep(idle)
+            idle_requests = len(cluster.requests(t_idle))
+            idle_lines = len(log.read_text().splitlines()) - lines_before
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -116,6 +124,8 @@ def measure(n: int, timeout: float) -> dict[str, Any]:
         "rss_before": rss_before,
         "rss_per_job": (rss_after - rss_before) / n,
         "cpu_ms_per_job": 1000 * cpu / n,
+        "idle_requests_per_job_minute": idle_requests / n * 60 / idle,
+        "idle_lines_per_job_hour": idle_lines / n * 3600 / idle,
     }
 
 
@@ -123,18 +133,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,100,500")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--idle", type=float, default=20, help="seconds of idle steady state to count requests and logs")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if sizes[0] != 1:
         sizes.insert(0, 1)  # the baseline
-    results = [measure(n, args.timeout) for n in sizes]
+    results = [measure(n, args.timeout, args.idle) for n in sizes]
     base = results[0]["p50"]
     print(f"{'jobs':>5} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'p50/1-job':>10} {'creates s':>10} "
-          f"{'all pods s':>11} {'RSS idle MiB':>13} {'RSS/job KiB':>12} {'CPU ms/job':>11}")  # fmt: skip
+          f"{'all pods s':>11} {'RSS idle MiB':>13} {'RSS/job KiB':>12} {'CPU ms/job':>11} {'idle req/job/min':>17} "
+          f"{'idle lines/job/h':>17}")  # fmt: skip
     for r in results:
         print(f"{r['n']:>5} {r['p50']:>8.3f} {r['p99']:>8.3f} {r['max']:>8.3f} {r['p50'] / base:>10.1f} "
               f"{r['create_seconds']:>10.2f} {r['total']:>11.2f} {r['rss_before'] / 2**20:>13.1f} "
-              f"{r['rss_per_job'] / 1024:>12.1f} {r['cpu_ms_per_job']:>11.1f}")  # fmt: skip
+              f"{r['rss_per_job'] / 1024:>12.1f} {r['cpu_ms_per_job']:>11.1f} "
+              f"{r['idle_requests_per_job_minute']:>17.2f} {r['idle_lines_per_job_hour']:>17.1f}")  # fmt: skip
     print("latency: create call -> training pod created, seen in the API server's change feed; "
           "baseline: the 1-job p50 of this run")  # fmt: skip
     return 0

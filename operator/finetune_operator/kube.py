@@ -36,6 +36,9 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 SERVER_ENV = "FINETUNE_KUBE_SERVER"
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 LOG_LIMIT_BYTES = 64 * 1024  # a log tail is read for its last progress lines, never more than this
+# A log read that hangs (kubelet unreachable) must not hold a job's pass for long: suspend,
+# deletion and an ended pod are decided in the same pass.
+LOG_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
 # kopf re-logs-in after this long with in-cluster credentials: the kubelet rotates the mounted
 # token well before its (>= 1 h) expiry, and the library re-reads the file every minute.
 IN_CLUSTER_RELOGIN = dt.timedelta(minutes=10)
@@ -178,12 +181,13 @@ class Kube:
         await self.api.close()
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json", text: bool = False) -> Any:  # fmt: skip
+                      body: Any = None, content_type: str = "application/json", text: bool = False,
+                      timeout: aiohttp.ClientTimeout = REQUEST_TIMEOUT) -> Any:  # fmt: skip
         """One API call; returns the decoded JSON (or text). Raises ApiError on a non-2xx answer."""
         headers = {"Accept": "application/json, */*", "Content-Type": content_type}
         resp = await self.api.call_api(
             path, method, query_params=list((params or {}).items()), header_params=headers, body=body,
-            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout,
         )  # fmt: skip
         async with resp:
             raw = await resp.text()
@@ -254,4 +258,4 @@ class Kube:
         (and aiohttp/timeout errors) as they come: the caller decides what an unreadable log means."""
         params = {"tailLines": str(tail_lines), "limitBytes": str(limit_bytes)}
         return str(await self.request("GET", resource_path("v1", "pods", namespace, name, "log"),
-                                      params=params, text=True))  # fmt: skip
+                                      params=params, text=True, timeout=LOG_TIMEOUT))  # fmt: skip

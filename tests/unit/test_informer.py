@@ -121,12 +121,13 @@ async def test_the_scheduler_runs_each_job_when_due_and_only_then() -> None:
 
 
 class LogOutageKube:
-    def __init__(self) -> None:
+    def __init__(self, error: BaseException | None = None) -> None:
         self.log_reads = 0
+        self.error = error or ApiError(500, "InternalError", "dial tcp 10.0.0.7:10250: connect: connection refused")
 
     async def pod_log(self, ns: str, name: str, tail_lines: int = 40) -> str:
         self.log_reads += 1
-        raise ApiError(500, "InternalError", "dial tcp 10.0.0.7:10250: connect: connection refused")
+        raise self.error
 
     async def get(self, *_: Any) -> None:
         raise AssertionError("observe must not GET what the informer has")
@@ -173,3 +174,14 @@ def test_an_earlier_start_is_a_higher_peering_priority_and_equal_starts_differ()
     args = _parser().parse_args(["run", "--peering", "p", "--log-format", "json"])
     assert (args.peering, args.priority, args.log_format) == ("p", None, "json")
     assert _parser().parse_args(["run"]).peering is None  # standalone unless asked (or FINETUNE_PEERING)
+
+
+def test_a_log_read_that_times_out_or_finds_no_pod_is_an_outage_too() -> None:
+    running = {"metadata": {"name": "faq-train-1", "namespace": "ml", "ownerReferences": [{"uid": "u-1"}],
+                            "labels": {"finetune.dev/role": "train", "finetune.dev/attempt": "1"}},
+               "status": {"phase": "Running"}}  # fmt: skip
+    for error, text in ((asyncio.TimeoutError(), "timed out"), (ApiError(404, "NotFound", "gone"), "404 NotFound")):
+        j = training()
+        inf = Informer(pods={("ml", "faq"): [running]})
+        observed = asyncio.run(handlers.observe(LogOutageKube(error), inf, j))  # type: ignore[arg-type]
+        assert observed.pods[0].log_error == f"cannot read the log of pod faq-train-1: {text}"
