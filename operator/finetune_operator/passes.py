@@ -1,0 +1,230 @@
+"""One pass for one job: observe it from the informer, decide (`reconcile`), apply the plan.
+
+`reconcile_job(namespace, name)` is what every trigger runs (handlers.py: a FineTuneJob or pod
+watch event; the scheduler: a due requeue). It reads the job, its pods and its claim from the
+informer (informer.py), reads a running pod's log tail when the last read is older than
+FINETUNE_RESYNC_SECONDS, decides, applies. Only writes and that bounded log read reach the API
+server. A per-job lock keeps two triggers of one job from interleaving; jobs never wait on each
+other. Errors are logged in one line and retried after pending_interval; a pass never raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import time
+from typing import Any
+
+import kopf
+
+from . import metrics
+from .builders import DEFAULT_WORKER_IMAGE, claim_name
+from .contract import API_VERSION, PLURAL
+from .informer import Informer, Scheduler, Tail
+from .kube import ApiError, Kube
+from .observe import LOG_TAIL_LINES, Observed, observe_pod
+from .reconcile import Plan, Settings, reconcile, recorded_source
+from .spec import SpecError, parse_spec
+from .status import PHASE_SUSPENDED, REASON_CONFIG_TOO_LARGE, REASON_INVALID_SPEC, TERMINAL_PHASES
+
+log = logging.getLogger("finetune_operator")
+
+
+def settings_from_env() -> Settings:
+    env = os.environ.get
+    return Settings(
+        worker_image=env("FINETUNE_WORKER_IMAGE") or DEFAULT_WORKER_IMAGE,
+        grace_seconds=int(env("FINETUNE_GRACE_SECONDS") or 300),
+        backoff_base=float(env("FINETUNE_BACKOFF_SECONDS") or 10),
+        backoff_max=float(env("FINETUNE_BACKOFF_MAX_SECONDS") or 300),
+        progress_interval=float(env("FINETUNE_RESYNC_SECONDS") or 5),
+    )
+
+
+SETTINGS = settings_from_env()
+SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
+_state: dict[str, Any] = {"kube": None, "locks": {}, "informer": Informer(), "scheduler": None, "task": None,
+                          "paused": False}
+
+
+async def _kube() -> Kube:
+    if _state["kube"] is None:
+        _state["kube"] = await Kube.connect()
+    kube: Kube = _state["kube"]
+    return kube
+
+
+def _informer() -> Informer:
+    informer: Informer = _state["informer"]
+    return informer
+
+
+def _lock(namespace: str, name: str) -> asyncio.Lock:
+    locks: dict[tuple[str, str], asyncio.Lock] = _state["locks"]
+    return locks.setdefault((namespace, name), asyncio.Lock())
+
+
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, ApiError):
+        return f"{e.status} {e.reason or 'error'}"
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+async def _tail(kube: Kube, informer: Informer, ns: str, pod: str) -> Tail:
+    """The pod's log tail: re-read when the last read is older than the progress interval.
+    Any error (5xx, timeout, 404) is kept as the reason progress is stale; it never raises."""
+    last = informer.tails.get((ns, pod))
+    if last is not None and time.monotonic() - last.read_at < SETTINGS.progress_interval:
+        return last
+    try:
+        tail = Tail(time.monotonic(), await kube.pod_log(ns, pod, LOG_TAIL_LINES))
+    except Exception as e:
+        tail = Tail(time.monotonic(), None, f"cannot read the log of pod {pod}: {_error_text(e)}")
+        if last is None or last.error != tail.error:
+            log.warning("[%s/%s] %s", ns, pod, tail.error)
+    informer.tails[(ns, pod)] = tail
+    return tail
+
+
+async def _claim_exists(kube: Kube, informer: Informer, ns: str, claim: str) -> bool:
+    """Claims with the operator's labels come from the watch; a user's own claim is read."""
+    return informer.claim_seen(ns, claim) or await kube.get("v1", "persistentvolumeclaims", ns, claim) is not None
+
+
+async def observe(kube: Kube, informer: Informer, job: dict[str, Any]) -> Observed:
+    """The job's pods (with the log tail of running ones, when it is due), its workspace claim and
+    its spec.model.fromJob source, from the informer. The API is read only for a claim a launch
+    needs that the watch cannot show (a user's own claim), and for the due log tail."""
+    meta = job["metadata"]
+    ns, uid, status = str(meta.get("namespace")), meta.get("uid"), job.get("status") or {}
+    pods = [
+        p for p in informer.pods(ns, meta["name"])
+        if not uid or any(o.get("uid") == uid for o in p["metadata"].get("ownerReferences") or [])
+    ]  # fmt: skip
+    # A deleted pod's final state may be gone from the cache by the time we look; its last watch
+    # event carried it (see on_pod_event), so the attempt still gets its real exit code and summary.
+    listed = {p["metadata"]["name"] for p in pods}
+    for attempt in status.get("attempts") or []:
+        body = informer.ended.get((ns, str(attempt.get("pod"))))
+        if attempt.get("result") or attempt.get("pod") in listed or body is None:
+            continue
+        if any(o.get("uid") == uid for o in body["metadata"].get("ownerReferences") or []):
+            pods.append(body)
+    active = status.get("phase") not in (*TERMINAL_PHASES, PHASE_SUSPENDED) and not (job.get("spec") or {}).get("suspend")
+    observations = []
+    for pod in pods:
+        tail = None
+        if active and (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+            tail = await _tail(kube, informer, ns, pod["metadata"]["name"])
+        observations.append(observe_pod(pod, tail.text if tail else None, tail.error if tail else None))
+    try:
+        spec = parse_spec(job.get("spec"))
+    except SpecError:
+        return Observed(pods=tuple(observations), claim_exists=False)
+    if not all(o.ended for o in observations):  # reconcile looks at claims and source only to launch
+        return Observed(pods=tuple(observations), claim_exists=True)
+    launching = status.get("phase") not in TERMINAL_PHASES
+    claim = claim_name(meta["name"], spec)
+    claim_exists = informer.claim_seen(ns, claim)
+    if spec.storage.claim_name and not claim_exists:  # a user's claim: no label, so not watched
+        relaunch = launching or status.get("reason") in (REASON_INVALID_SPEC, REASON_CONFIG_TOO_LARGE)
+        claim_exists = not relaunch or await _claim_exists(kube, informer, ns, claim)
+    source, source_claim = None, None
+    if spec.model.from_job and spec.model.from_job != meta["name"] and launching:
+        recorded = recorded_source(status, spec.model.from_job)
+        if recorded is None:
+            source = informer.job(ns, spec.model.from_job)  # reconcile judges it
+        else:  # a source deleted with reclaimPolicy Delete takes its claim along
+            source_claim = await _claim_exists(kube, informer, ns, recorded.claim)
+    return Observed(pods=tuple(observations), claim_exists=claim_exists, source_job=source,
+                    source_claim_exists=source_claim)  # fmt: skip
+
+
+async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any, informer: Informer | None = None) -> None:
+    """Carry out a plan: creates (409 = already there), deletes, the status patch, Events, TTL."""
+    meta = job["metadata"]
+    ns, name = meta.get("namespace"), meta["name"]
+    for obj in plan.create:
+        try:
+            created = await kube.create(obj)
+        except ApiError as e:  # quota, admission, RBAC: say so on the job, retry later
+            what = f"cannot create {obj['kind']} {obj['metadata']['name']}: {e}"
+            reason = {"reason": "CreateFailed", "message": what}
+            await kube.patch(API_VERSION, PLURAL, ns, name, {"status": reason}, subresource="status")
+            raise kopf.TemporaryError(what, delay=SETTINGS.pending_interval) from e
+        if obj["kind"] == "Pod" and informer is not None:
+            informer.created(str(ns), created if isinstance(created, dict) and created.get("metadata") else obj)
+        logger.log(logging.DEBUG if created else logging.INFO, "%s %s %s/%s",  # the transition line says it
+                   "created" if created else "found existing", obj["kind"], ns, obj["metadata"]["name"])  # fmt: skip
+    for d in plan.delete:
+        if informer is not None and not informer.deleting(str(ns), d.name):
+            continue  # asked already; the watch has not shown its deletionTimestamp yet
+        if await kube.delete("v1", "pods", ns, d.name, d.grace_seconds):
+            logger.debug("deleting Pod %s/%s", ns, d.name)
+    if plan.status is not None:
+        written = await kube.patch(API_VERSION, PLURAL, ns, name, {"status": plan.status}, subresource="status")
+        if informer is not None:
+            informer.wrote(str(ns), name, written)
+    for event in plan.events:
+        try:
+            await kube.create(event)
+        except ApiError as e:  # an Event is best effort; the status already tells the story
+            logger.warning("could not post event %s: %s", event["reason"], e)
+    if plan.delete_job:
+        logger.info("[%s/%s] ttlSecondsAfterFinished passed: deleting the job", ns, name)
+        await kube.delete(API_VERSION, PLURAL, ns, name)
+
+
+def _log_transition(ns: str, name: str, job: dict[str, Any], plan: Plan) -> None:
+    """One line per transition (phase or reason change) or error; nothing for a quiet pass."""
+    old, new = job.get("status") or {}, plan.status or {}
+    if plan.status is None or (new.get("phase", old.get("phase")), new.get("reason", old.get("reason"))) == (
+        old.get("phase"), old.get("reason")
+    ):
+        return
+    level = logging.ERROR if plan.permanent_error else logging.INFO
+    log.log(level, "[%s/%s] %s/%s: %s", ns, name, new.get("phase", old.get("phase")),
+            new.get("reason", old.get("reason")), new.get("message", old.get("message")))  # fmt: skip
+
+
+def _schedule(namespace: str, name: str, after: float | None) -> None:
+    scheduler: Scheduler | None = _state["scheduler"]
+    if scheduler is not None:
+        delay = SAFETY_RESYNC if after is None else min(after, SAFETY_RESYNC)
+        scheduler.at((namespace, name), time.monotonic() + delay)
+
+
+async def reconcile_job(namespace: str, name: str, logger: Any = log) -> Plan | None:
+    """One level-triggered pass for one job; None when the job is gone or being deleted.
+    Errors are logged (one line) and retried after pending_interval; they never raise."""
+    async with _lock(namespace, name):
+        started = time.perf_counter()
+        informer = _informer()
+        job = informer.job(namespace, name)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            metrics.observe_phase(namespace, name, None)
+            return None
+        try:
+            kube = await _kube()
+            plan = reconcile(job, await observe(kube, informer, job), dt.datetime.now(dt.timezone.utc), SETTINGS)
+            _log_transition(namespace, name, job, plan)
+            await apply(kube, job, plan, logger, informer)
+            if plan.phase in TERMINAL_PHASES and (job.get("status") or {}).get("phase") != plan.phase:
+                for other in informer.continuing_from(namespace, name):  # due now, not at their next look
+                    _schedule(namespace, other, 0.0)
+        except Exception as e:
+            metrics.RECONCILE_ERRORS.inc()
+            log.warning("[%s/%s] reconcile failed, retrying in %.0fs: %s", namespace, name,
+                        SETTINGS.pending_interval, e)  # fmt: skip
+            _schedule(namespace, name, SETTINGS.pending_interval)
+            return None
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        _schedule(namespace, name, plan.requeue_after)
+        metrics.observe_phase(namespace, name, plan.phase)
+        metrics.observe_attempts(plan.ended)
+        return plan
