@@ -110,6 +110,7 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     scheduler = Scheduler(lambda ns, name: reconcile_job(ns, name), paused=lambda: bool(_state["paused"]))
     _state["scheduler"] = scheduler
     _state["task"] = asyncio.create_task(scheduler.loop(), name="finetune-scheduler")
+    _state["prune"] = asyncio.create_task(passes.prune_loop(), name="finetune-cache-check")
     logging.getLogger("kopf.objects").addFilter(QUIET_SUCCESS)
     settings.posting.level = max(settings.posting.level, logging.WARNING)  # we post our own Events
     settings.watching.server_timeout = settings.watching.server_timeout or 300
@@ -129,10 +130,11 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
 async def close_client(**_: Any) -> None:
     task: asyncio.Task[Any] | None = _state["task"]
     if task is not None:
+        _state["prune"].cancel()
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(task, _state["prune"], return_exceptions=True)
         await _state["scheduler"].stop()
-        _state["task"] = _state["scheduler"] = None
+        _state["task"] = _state["scheduler"] = _state["prune"] = None
     if _state["kube"] is not None:
         await _state["kube"].close()
         _state["kube"] = None

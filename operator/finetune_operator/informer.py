@@ -70,12 +70,17 @@ class Informer:
         self.ended: collections.OrderedDict[Key, dict[str, Any]] = collections.OrderedDict()
         self.tails: dict[Key, Tail] = {}
         self.deletes: dict[Key, float] = {}
+        # Objects a LIST no longer has, by kind, with the resourceVersion they were last seen at:
+        # kopf's indexes keep what was deleted while a watch was down (a re-list sends no DELETED).
+        self.gone: dict[str, dict[Key, int]] = {"jobs": {}, "pods": {}}
 
     # -- jobs ------------------------------------------------------------------------------------
 
     def job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The job as last seen by the watch, or as this process last wrote it if that is newer."""
         seen = _first(self.jobs_index, (namespace, name))
+        if seen is not None and self._is_gone("jobs", namespace, seen):
+            seen = None
         mine = self.written.get((namespace, name))
         if mine is not None and (seen is None or _rv(mine) > _rv(seen)):
             return mine
@@ -99,7 +104,7 @@ class Informer:
 
     def pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         """The job's pods: watched, plus created ones the watch has not shown yet."""
-        pods = [dict(p) for p in self.pods_index.get((namespace, job)) or ()]
+        pods = [dict(p) for p in self.pods_index.get((namespace, job)) or () if not self._is_gone("pods", namespace, p)]
         seen = {p["metadata"]["name"] for p in pods}
         expected = self.expected.get((namespace, job))
         if expected:
@@ -139,6 +144,31 @@ class Informer:
             return False
         self.deletes[(namespace, pod)] = now + EXPECT_SECONDS
         return True
+
+    # -- pruning what the watches missed ------------------------------------------------------
+
+    def _is_gone(self, kind: str, namespace: str, obj: Mapping[str, Any]) -> bool:
+        gone_at = self.gone[kind].get((namespace, str(obj["metadata"]["name"])))
+        return gone_at is not None and _rv(obj) <= gone_at
+
+    def namespaces(self) -> set[str]:
+        return {str(key[0]) for key in list(self.jobs_index)} | {str(key[0]) for key in list(self.pods_index)}
+
+    def prune(self, kind: str, namespace: str, listed: Iterable[str], list_rv: int) -> list[str]:
+        """Mark the indexed `kind` ("jobs" | "pods") objects of `namespace` that a LIST at `list_rv`
+        did not return as gone; returns the jobs concerned (to look at again)."""
+        present = set(listed)
+        index = self.jobs_index if kind == "jobs" else self.pods_index
+        touched = []
+        for key in list(index):
+            if key[0] != namespace:
+                continue
+            for obj in list(index.get(key) or ()):
+                name = str(obj["metadata"]["name"])
+                if name not in present and _rv(obj) <= list_rv and not self._is_gone(kind, namespace, obj):
+                    self.gone[kind][(namespace, name)] = _rv(obj)
+                    touched.append(str(key[1]))
+        return touched
 
     # -- claims ----------------------------------------------------------------------------------
 

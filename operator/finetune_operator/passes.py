@@ -20,10 +20,10 @@ from typing import Any
 import kopf
 
 from . import metrics
-from .builders import DEFAULT_WORKER_IMAGE, claim_name
+from .builders import DEFAULT_WORKER_IMAGE, LABEL_JOB, claim_name
 from .contract import API_VERSION, PLURAL
 from .informer import Informer, Scheduler, Tail
-from .kube import ApiError, Kube
+from .kube import ApiError, Kube, resource_path
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
 from .reconcile import Plan, Settings, reconcile, recorded_source
 from .spec import SpecError, parse_spec
@@ -46,7 +46,7 @@ def settings_from_env() -> Settings:
 SETTINGS = settings_from_env()
 SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
 _state: dict[str, Any] = {"kube": None, "locks": {}, "informer": Informer(), "scheduler": None, "task": None,
-                          "paused": False}
+                          "paused": False, "prune": None}
 
 
 async def _kube() -> Kube:
@@ -228,3 +228,38 @@ async def reconcile_job(namespace: str, name: str, logger: Any = log) -> Plan | 
         metrics.observe_phase(namespace, name, plan.phase)
         metrics.observe_attempts(plan.ended)
         return plan
+
+
+async def prune_cache(kube: Kube, informer: Informer) -> int:
+    """One LIST of FineTuneJobs and one of the operator's pods per namespace the cache knows: what
+    the LIST lacks was deleted while a watch was down (kopf's indexes keep it: a re-list sends no
+    DELETED). Its jobs are looked at now. Runs every safety resync: a few requests per interval
+    for the whole operator, none per job. Returns how many objects were found gone."""
+    found = 0
+    for ns in sorted(informer.namespaces()):
+        for kind, path, selector in (("jobs", resource_path(API_VERSION, PLURAL, ns), None),
+                                     ("pods", resource_path("v1", "pods", ns), LABEL_JOB)):  # fmt: skip
+            doc = await kube.request("GET", path, params={"labelSelector": selector} if selector else None)
+            names = [str(o["metadata"]["name"]) for o in doc.get("items") or []]
+            try:
+                list_rv = int((doc.get("metadata") or {}).get("resourceVersion") or 0)
+            except ValueError:
+                continue
+            touched = informer.prune(kind, ns, names, list_rv)
+            found += len(touched)
+            for job in touched:
+                _schedule(ns, job, 0.0)
+    if found:
+        log.warning("%d cached objects were deleted while a watch was down; looking at their jobs again", found)
+    return found
+
+
+async def prune_loop() -> None:
+    while True:
+        await asyncio.sleep(SAFETY_RESYNC)
+        if _state["paused"]:
+            continue
+        try:
+            await prune_cache(await _kube(), _informer())
+        except Exception as e:
+            log.warning("cache check against the API failed: %s", _error_text(e))

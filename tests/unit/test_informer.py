@@ -185,3 +185,57 @@ def test_a_log_read_that_times_out_or_finds_no_pod_is_an_outage_too() -> None:
         inf = Informer(pods={("ml", "faq"): [running]})
         observed = asyncio.run(handlers.observe(LogOutageKube(error), inf, j))  # type: ignore[arg-type]
         assert observed.pods[0].log_error == f"cannot read the log of pod faq-train-1: {text}"
+
+
+def test_what_a_list_lacks_is_gone_from_the_informer_until_it_is_created_again() -> None:
+    """kopf's indexes keep an object deleted while its watch was down (a re-list sends no DELETED):
+    the periodic LIST marks it gone, unless it is newer than the LIST."""
+    def pod_body(name: str, rv: int) -> dict[str, Any]:
+        return {"metadata": {"name": name, "namespace": "ml", "resourceVersion": str(rv),
+                             "labels": {"finetune.dev/job": "faq"}}}  # fmt: skip
+
+    pods: dict[Any, list[Any]] = {("ml", "faq"): [pod_body("faq-train-1", 5), pod_body("faq-train-2", 9)]}
+    jobs: dict[Any, list[Any]] = {("ml", "faq"): [body("faq", 4)], ("ml", "old"): [body("old", 3)]}
+    inf = Informer(jobs=jobs, pods=pods)
+    assert inf.prune("pods", "ml", ["faq-train-1"], 8) == []  # faq-train-2 is newer than that LIST
+    assert inf.prune("pods", "ml", [], 10) == ["faq", "faq"]
+    assert inf.pods("ml", "faq") == [] and inf.prune("pods", "ml", [], 11) == []  # once
+    pods[("ml", "faq")] = [pod_body("faq-train-1", 12)]  # created again under the same name
+    assert [p["metadata"]["name"] for p in inf.pods("ml", "faq")] == ["faq-train-1"]
+    assert inf.prune("jobs", "ml", ["faq"], 10) == ["old"] and inf.job("ml", "old") is None
+    assert inf.job("ml", "faq") is not None and inf.namespaces() == {"ml"}
+
+
+class ListingKube:
+    def __init__(self, docs: dict[str, dict[str, Any]]) -> None:
+        self.docs, self.paths = docs, []
+
+    async def request(self, method: str, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+        self.paths.append((path, (params or {}).get("labelSelector")))
+        return self.docs[path.rsplit("/", 1)[-1]]
+
+
+def test_the_cache_check_lists_each_namespace_once_per_kind_and_looks_at_touched_jobs_again() -> None:
+    from finetune_operator import passes
+
+    pods = {("ml", "faq"): [{"metadata": {"name": "faq-train-1", "namespace": "ml", "resourceVersion": "5"}}]}
+    inf = Informer(jobs={("ml", "faq"): [body("faq", 4)]}, pods=pods)
+    kube = ListingKube({"finetunejobs": {"metadata": {"resourceVersion": "20"}, "items": [body("faq", 4)]},
+                        "pods": {"metadata": {"resourceVersion": "20"}, "items": []}})  # fmt: skip
+    ran: list[tuple[str, str]] = []
+
+    async def check() -> int:
+        sched = Scheduler(lambda ns, name: asyncio.sleep(0, ran.append((ns, name))))
+        passes._state["scheduler"] = sched
+        try:
+            found = await passes.prune_cache(kube, inf)  # type: ignore[arg-type]
+            loop = asyncio.create_task(sched.loop())
+            await asyncio.sleep(0.05)
+            loop.cancel()
+            return found
+        finally:
+            passes._state["scheduler"] = None
+
+    assert asyncio.run(check()) == 1 and ran == [("ml", "faq")] and inf.pods("ml", "faq") == []
+    assert kube.paths == [("/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs", None),
+                          ("/api/v1/namespaces/ml/pods", "finetune.dev/job")]  # fmt: skip
