@@ -90,9 +90,11 @@ async def _join_peering(settings: kopf.OperatorSettings) -> None:
     try:
         await kube.request("POST", f"/apis/{PEERING_API}/clusterkopfpeerings", body=obj)
         log.info("created ClusterKopfPeering %s", settings.peering.name)
-    except ApiError as e:
+    except ApiError as e:  # kopf keeps this replica paused without its peering: say what to do
         if e.status != 409:
-            raise
+            log.error("peering %r: cannot create the ClusterKopfPeering (%s); this replica stays paused until it "
+                      "exists: apply manifests/peering (its CRD), grant create on clusterkopfpeerings, or run "
+                      "with no --peering for a single replica", settings.peering.name, e)  # fmt: skip
 
 
 @kopf.on.startup()

@@ -89,7 +89,10 @@ class FixedKubernetesEmulator(ObjectStore, kmock.KubernetesEmulator):
         self.served.append((time.monotonic(), raw.method, raw.path_qs,
                             raw.headers.get("User-Agent", "")))  # fmt: skip
         del self.served[:-REQUEST_LOG_KEEP * 50]
-        route = self._route(raw.path)
+        try:
+            route = self._route(raw.path)
+        except kmock.KubernetesError as e:  # an unknown resource: 404, as upstream (not a 500)
+            return self._status_response(e.status, e.reason or "", e.message or "")
         if route is None:  # discovery and anything else: kmock's scaffold
             del self._requests[:-REQUEST_LOG_KEEP]
             for payload in self._payloads:
