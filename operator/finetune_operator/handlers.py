@@ -106,8 +106,15 @@ async def observe(kube: Kube, job: dict[str, Any]) -> Observed:
             source = await kube.get(API_VERSION, PLURAL, ns, spec.model.from_job)  # reconcile judges it
         else:  # a source deleted with reclaimPolicy Delete takes its claim along
             source_claim = await kube.get("v1", "persistentvolumeclaims", ns, recorded.claim) is not None
+    secrets = None
+    if launching and spec.credentials.secret_keys():  # names and keys only: a value never leaves here
+        secrets = {}
+        for secret in sorted({k.secret for k in spec.credentials.secret_keys()}):
+            found = await kube.get("v1", "secrets", ns, secret)
+            if found is not None:
+                secrets[secret] = frozenset((found.get("data") or {}) | (found.get("stringData") or {}))
     return Observed(pods=tuple(observations), claim_exists=claim_exists, source_job=source,
-                    source_claim_exists=source_claim)  # fmt: skip
+                    source_claim_exists=source_claim, secrets=secrets)  # fmt: skip
 
 
 async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any) -> None:
