@@ -48,10 +48,12 @@ def filesystem() -> Any:
     client: dict[str, Any] = {}
     if os.environ.get(AWS_ENDPOINT_ENV):
         client["endpoint_url"] = os.environ[AWS_ENDPOINT_ENV]
-    return s3fs.S3FileSystem(
-        skip_instance_cache=True, use_listings_cache=False, retries=3, client_kwargs=client,
+    fs = s3fs.S3FileSystem(
+        skip_instance_cache=True, use_listings_cache=False, client_kwargs=client,
         config_kwargs={"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 2}},
     )  # fmt: skip
+    fs.retries = 3  # s3fs's own retry of throttling/5xx; beyond that the operator's backoff retries the pod
+    return fs
 
 
 def _code(e: BaseException) -> str:
@@ -64,8 +66,14 @@ def _code(e: BaseException) -> str:
     return ""
 
 
-def classify(e: BaseException, url: str, what: str) -> Exception:
-    """The worker error for a failed S3 call on `url` (`what`: e.g. 'read spec.dataset.path')."""
+_NETWORK = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+            "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ClientOSError",
+            "ClientError", "ProxyConnectionError", "HTTPClientError"}  # fmt: skip
+
+
+def classify(e: BaseException, url: str, what: str) -> BaseException:
+    """The worker error for a failed S3 call on `url` (`what`: e.g. 'read spec.dataset.path'); anything
+    that is neither the service's answer nor the network (a bug) is returned as it is."""
     chain: list[BaseException] = []
     cur: BaseException | None = e
     while cur is not None and len(chain) < 8:
@@ -78,7 +86,9 @@ def classify(e: BaseException, url: str, what: str) -> Exception:
         return InvalidInput(f"cannot {what}: access to {url} denied ({text}); {CREDENTIALS_HINT}")
     if codes & _MISSING_CODES or isinstance(e, FileNotFoundError):
         return InvalidInput(f"cannot {what}: {url} does not exist ({text}); check the bucket and key")
-    return TransientError(f"cannot {what}: {url} unreachable or failing ({text}); retried with backoff")
+    if codes or names & _NETWORK or isinstance(e, (OSError, TimeoutError)):
+        return TransientError(f"cannot {what}: {url} unreachable or failing ({text}); retried with backoff")
+    return e
 
 
 def _cache_root(workspace: Path, url: str) -> Path:
