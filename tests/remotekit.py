@@ -91,6 +91,7 @@ class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.split("://", 1)[1]
         self.puts = 0
+        self.gets: list[str] = []  # paths of GET requests (downloads and listings)
         self.fail_after_puts: int | None = None
         self.hold_after_puts: int | None = None
         self.held = threading.Event()
@@ -106,6 +107,8 @@ class FaultProxy:
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 is_put = self.command == "PUT"
+                if self.command == "GET":
+                    proxy.gets.append(self.path)
                 if proxy.fail_after_puts is not None and proxy.puts >= proxy.fail_after_puts:
                     self._reply(503, b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>", {})
                     return

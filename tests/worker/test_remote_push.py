@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from exportkit import full_workspace, spec
+
 from remotekit import (
     FaultProxy,
     docker_config,
