@@ -54,6 +54,9 @@ def moto_s3() -> Iterator[str]:
         from moto.server import ThreadedMotoServer
     except ImportError:
         pytest.skip("needs moto[server] (the [dev] extra): pip install -e '.[dev]'")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -78,3 +78,33 @@ def test_s3_dataset_missing_or_denied_is_permanent_and_unreachable_is_transient(
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     down = train(tmp_path, cfg, tmp_path / "ws")
     assert down.rc == 1 and down.summary and "unreachable" in down.summary["message"]
+
+
+def test_s3_base_model_prefix_is_downloaded_once_and_loads(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from finetune_operator.spec import parse_spec
+    from finetune_worker.modelsrc import resolve_base_model
+
+    with moto_s3() as endpoint:
+        make_bucket(endpoint, "models")
+        s3fs_for(endpoint).put(str(tiny_model) + "/", "models/tiny/", recursive=True)
+        proxy = FaultProxy(endpoint)
+        try:
+            for k, v in s3_env(proxy.url).items():
+                monkeypatch.setenv(k, v)
+            spec = parse_spec({"model": {"base": "s3://models/tiny/"}, "dataset": {"path": "x.jsonl"}})
+            ws = tmp_path / "ws"
+            local = Path(resolve_base_model(spec, ws))
+            assert local.is_relative_to(ws / ".cache" / "remote")
+            texts = ["reset my password"]
+            want = SentenceTransformer(str(tiny_model), device="cpu").encode(texts)
+            assert np.allclose(SentenceTransformer(str(local), device="cpu").encode(texts), want, atol=1e-6)
+            fetched = len(proxy.gets)
+            assert resolve_base_model(spec, ws) == str(local)  # the export pod, a resumed attempt
+            assert len(proxy.gets) == fetched + 1  # one listing to check it is current, no download
+        finally:
+            proxy.close()

@@ -96,9 +96,10 @@ def push_s3(export: Path, target: str, meta: dict[str, Any], check_stop: Callabl
         else:
             if old is not None:  # the completion marker goes first: nothing half-pushed looks complete
                 fs.rm_file(marker)
-            for rel in files[:-1]:
-                check_stop(f"while pushing to {target}")
-                fs.put_file(str(export / rel), prefix + rel)
+            check_stop(f"before pushing to {target}")
+            # one call for every file: s3fs uploads them concurrently, multipart for large shards
+            fs.put([str(export / rel) for rel in files[:-1]], [prefix + rel for rel in files[:-1]])
+            check_stop(f"while pushing to {target}")
             stale = [prefix + rel for rel in (old or {}).get("files") or {} if rel not in sizes and rel in remote]
             if stale:
                 fs.rm(stale)
