@@ -88,15 +88,15 @@ def make_bucket(endpoint: str, name: str) -> None:
 
 class FaultProxy:
     """An HTTP proxy to `upstream` on its own loopback port. `fail_after_puts = N`: after N
-    successful PUTs every request gets 503 (the service down mid-push); `hold_after_puts = N`: the
-    PUT after the Nth waits until released (a push stuck mid-way, to be killed)."""
+    successful PUTs every request gets 503 (the service down mid-push); `hold_put = TEXT`: a PUT
+    whose path contains TEXT waits until released (a push stuck mid-way, to be killed)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.split("://", 1)[1]
         self.puts = 0
         self.gets: list[str] = []  # paths of GET requests (downloads and listings)
         self.fail_after_puts: int | None = None
-        self.hold_after_puts: int | None = None
+        self.hold_put: str | None = None
         self.held = threading.Event()
         self.release = threading.Event()
         proxy = self
@@ -115,7 +115,7 @@ class FaultProxy:
                 if proxy.fail_after_puts is not None and proxy.puts >= proxy.fail_after_puts:
                     self._reply(503, b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>", {})
                     return
-                if is_put and proxy.hold_after_puts is not None and proxy.puts >= proxy.hold_after_puts:
+                if is_put and proxy.hold_put is not None and proxy.hold_put in self.path:
                     proxy.held.set()
                     proxy.release.wait(120)
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
@@ -146,7 +146,8 @@ class FaultProxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def heal(self) -> None:
-        self.fail_after_puts = self.hold_after_puts = None
+        self.fail_after_puts = None
+        self.hold_put = None
         self.release.set()
 
     def close(self) -> None:

@@ -166,7 +166,7 @@ def test_a_worker_killed_mid_push_leaves_nothing_that_looks_complete(tiny_model:
                                            "metadata": {"name": "faq"}, "spec": _spec(tiny_model, ["s3://exports/faq/"])}))
             env = {**os.environ, **s3_env(proxy.url), "HF_HUB_OFFLINE": "1",
                    "FINETUNE_TERMINATION_LOG": str(tmp_path / "term")}  # fmt: skip
-            proxy.hold_after_puts = 1  # the second file's upload hangs: the worker is mid-push
+            proxy.hold_put = "model.safetensors"  # the weights' upload hangs: the worker is mid-push
             proc = subprocess.Popen([sys.executable, "-m", "finetune_worker.cli", "export", "--config", str(cfg),
                                      "--workspace", str(ws)], env=env, cwd=REPO,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
