@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +129,6 @@ def _check_unchanged(root: Path, url: str, field: str, current: dict[str, Any]) 
 
 
 def _record(root: Path, url: str, objects: dict[str, Any], complete: bool) -> None:
-    import time
-
     tmp = root / (VERSION_FILE + ".tmp")
     tmp.write_text(json.dumps({"url": url, "objects": objects, "complete": complete,
                                "readAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))  # fmt: skip

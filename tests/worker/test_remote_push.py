@@ -182,3 +182,34 @@ def test_a_worker_killed_mid_push_leaves_nothing_that_looks_complete(tiny_model:
             assert landed and "exports/faq/metadata.json" not in landed
         finally:
             proxy.close()
+
+
+def test_registry_503_is_transient_and_a_retry_completes_the_artifact(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_operator.remote import parse_oci_ref
+    from finetune_worker.errors import TransientError
+    from finetune_worker.export.push import push_oci
+
+    export = tmp_path / "export"
+    (export / "adapter").mkdir(parents=True)
+    (export / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(300_000))
+    (export / "metadata.json").write_text(json.dumps({"job": "faq", "fingerprint": "f1", "formats": ["adapter"]}))
+    with oci_registry(tmp_path / "registry") as registry:
+        proxy = FaultProxy(f"http://{registry}")
+        try:
+            via = proxy.url.split("://")[1]
+            monkeypatch.setenv("DOCKER_CONFIG", str(docker_config(tmp_path / "docker", via)))
+            ref = parse_oci_ref(f"oci://{via}/team/faq:v1")
+            proxy.fail_after_puts = 1  # the first blob lands, then 503s
+            with pytest.raises(TransientError, match="HTTP 503"):
+                push_oci(export, ref, {"job": "faq"}, lambda _where: None)
+            proxy.heal()
+            done = push_oci(export, ref, {"job": "faq"}, lambda _where: None)
+            assert done["digest"].startswith("sha256:") and done["bytes"] > 300_000
+        finally:
+            proxy.close()
+        manifest = oras_pull(registry, f"{registry}/team/faq:v1", tmp_path / "pulled")
+        assert [x["annotations"]["org.opencontainers.image.title"] for x in manifest["layers"]] == [
+            "adapter/adapter_model.safetensors", "metadata.json"]
+        assert (tmp_path / "pulled" / "adapter" / "adapter_model.safetensors").read_bytes() == (
+            export / "adapter" / "adapter_model.safetensors").read_bytes()
