@@ -134,3 +134,18 @@ def test_local_executor_passes_the_users_environment_not_an_unmounted_secret(tmp
     kubelet = run(LocalPodExecutor(tmp_path / "kubelet", secrets=lambda ns, name: data if ns == "ml" else None))
     assert kubelet["HF_TOKEN"] == "hf_from_the_secret"
     assert (Path(kubelet["DOCKER_CONFIG"]) / "config.json").read_bytes() == b'{"auths": {}}'
+
+
+def test_status_export_lists_the_pushed_targets_from_the_export_summary() -> None:
+    from finetune_operator.observe import PodObservation
+
+    pushed = [{"target": "s3://exports/faq/", "digest": "etag:abc", "bytes": 10},
+              {"target": "oci://registry.example.com:5000/team/faq:v1", "digest": "sha256:" + "0" * 64, "bytes": 10}]
+    summary = {"result": "completed", "export": "/workspace/export", "formats": ["sentence-transformers"], "pushed": pushed}
+    ended = [PodObservation(name="faq-train-1", role="train", attempt=1, phase="Succeeded", result="completed", exit_code=0),
+             PodObservation(name="faq-export-1", role="export", attempt=1, phase="Succeeded", result="completed",
+                            exit_code=0, summary=summary)]  # fmt: skip
+    status = {"attempts": [{"pod": "faq-train-1", "role": "train", "attempt": 1},
+                           {"pod": "faq-export-1", "role": "export", "attempt": 1}]}  # fmt: skip
+    plan = reconcile(_job(status=status), Observed(pods=tuple(ended), claim_exists=True), T0, Settings())
+    assert plan.status["phase"] == "Succeeded" and plan.status["export"]["pushed"] == pushed
