@@ -65,7 +65,7 @@ def _close(p: Pass, rec: dict[str, Any], pod: PodObservation | None) -> None:
         st["progress"] = prog
     if rec.get("role") == ROLE_EXPORT and result == RESULT_COMPLETED:
         st["export"] = {
-            k: summary[k] for k in ("export", "formats", "maxDeviation", "metrics") if k in summary
+            k: summary[k] for k in ("export", "formats", "maxDeviation", "metrics", "pushed") if k in summary
         }
         if "export" in st["export"]:
             st["export"]["path"] = st["export"].pop("export")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .contract import API_VERSION, CONFIG_ENV, DEFAULT_WORKSPACE, EXPORT_DIR, GROUP, KIND, SOURCE_EXPORT_ENV
+from .remote import credential_env
 from .spec import FineTuneSpec
 
 LABEL_JOB = f"{GROUP}/job"
@@ -203,6 +204,10 @@ def build_pod(
         container["volumeMounts"].append({"name": SOURCE_VOLUME, "mountPath": mount,
                                           "subPath": EXPORT_DIR, "readOnly": True})  # fmt: skip
         container["env"].append({"name": SOURCE_EXPORT_ENV, "value": mount})
+    cred_env, cred_volumes, cred_mounts = credential_env(spec.credentials, registry=role == ROLE_EXPORT)
+    container["env"] += cred_env
+    container["volumeMounts"] += cred_mounts
+    volumes += cred_volumes
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,

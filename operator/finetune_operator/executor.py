@@ -11,6 +11,9 @@ What a pod becomes here:
     scripts), then on PATH.
   - env: the host environment, overlaid with the container's `env` (`value`, and `valueFrom.fieldRef`
     for metadata.name/namespace/uid); `FINETUNE_TERMINATION_LOG` points at `pods/<name>/termination-log`.
+    Secrets (`secretKeyRef` env, `secret` volumes) are read through `secrets` when given (the test
+    kubelet reads the emulator's); without it (the local runner) they are skipped, along with env
+    values pointing into a secret volume, so the user's own HF_TOKEN, AWS_* and DOCKER_CONFIG pass.
   - volumes: `persistentVolumeClaim` -> `root/pvcs/<claimName>/` (created, kept across pods, which is
     what makes resume-from-checkpoint work); `emptyDir` and any other kind -> a fresh directory under
     `pods/<name>/volumes/`. Every arg, env value and workingDir equal to or under a `mountPath`
@@ -42,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .podlocal import (
+    SecretReader,
     env_value,
     expand_vars,
     killpg,
@@ -49,6 +53,7 @@ from .podlocal import (
     resolve_executable,
     rewrite_path,
     tree_rss,
+    unmounted_secret_paths,
     volume_mounts,
 )
 
@@ -100,7 +105,9 @@ class LocalPodExecutor:
         on_exit: Callable[[str], None] | None = None,
         enforce_memory_limits: bool = True,
         default_command: Sequence[str] = DEFAULT_COMMAND,
+        secrets: SecretReader | None = None,
     ) -> None:
+        self._secrets = secrets
         self.root = Path(root).resolve()  # workers run in their pod directory: relative paths would land there
         self.default_command = list(default_command)
         self.bin_dir = Path(bin_dir) if bin_dir is not None else Path(sys.executable).parent
@@ -168,13 +175,14 @@ class LocalPodExecutor:
                 self._on_exit(name)
 
     def _spawn(self, record: _Pod, pod: dict[str, Any], container: dict[str, Any]) -> None:
-        mounts = volume_mounts(pod, container, record.dir, self.pvc_dir)
+        mounts = volume_mounts(pod, container, record.dir, self.pvc_dir, self._secrets)
+        unmounted = unmounted_secret_paths(pod, container) if self._secrets is None else []
         env = dict(os.environ)
         env.pop(TERMINATION_LOG_ENV, None)
         container_env: dict[str, str] = {}
         for item in container.get("env") or []:
-            value = env_value(item, pod)
-            if value is not None:
+            value = env_value(item, pod, self._secrets)
+            if value is not None and not any(value == m or value.startswith(m + "/") for m in unmounted):
                 container_env[item["name"]] = rewrite_path(expand_vars(value, container_env), mounts)
         env.update(container_env)
         command = container.get("command") or self.default_command

@@ -87,6 +87,10 @@ class Observed:
     source_job: dict[str, Any] | None = None
     # The workspace claim recorded in status.source: does it still exist? None: not looked at.
     source_claim_exists: bool | None = None
+    # spec.credentials: the referenced Secrets that exist, name -> their keys (never their values),
+    # read before a launch. None: not looked at (the local runner has no Secrets: the user's own
+    # environment carries the credentials).
+    secrets: dict[str, frozenset[str]] | None = None
 
 
 def _finite_float(text: str) -> float | None:

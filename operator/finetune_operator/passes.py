@@ -26,7 +26,7 @@ from .informer import Informer, Scheduler, Tail
 from .kube import ApiError, Kube, resource_path
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
 from .reconcile import Plan, Settings, reconcile, recorded_source
-from .spec import SpecError, parse_spec
+from .spec import FineTuneSpec, SpecError, parse_spec
 from .status import PHASE_SUSPENDED, REASON_CONFIG_TOO_LARGE, REASON_INVALID_SPEC, TERMINAL_PHASES
 
 log = logging.getLogger("finetune_operator")
@@ -140,8 +140,23 @@ async def observe(kube: Kube, informer: Informer, job: dict[str, Any]) -> Observ
             source = informer.job(ns, spec.model.from_job)  # reconcile judges it
         else:  # a source deleted with reclaimPolicy Delete takes its claim along
             source_claim = await _claim_exists(kube, informer, ns, recorded.claim)
+    secrets = await _secret_keys(kube, ns, spec) if launching else None
     return Observed(pods=tuple(observations), claim_exists=claim_exists, source_job=source,
-                    source_claim_exists=source_claim)  # fmt: skip
+                    source_claim_exists=source_claim, secrets=secrets)  # fmt: skip
+
+
+async def _secret_keys(kube: Kube, ns: str, spec: FineTuneSpec) -> dict[str, frozenset[str]] | None:
+    """The key names of the Secrets spec.credentials references (read only before a launch, as
+    reconcile asks only then). Names and keys only: a value never leaves this function."""
+    wanted = sorted({k.secret for k in spec.credentials.secret_keys()})
+    if not wanted:
+        return None
+    found: dict[str, frozenset[str]] = {}
+    for secret in wanted:
+        body = await kube.get("v1", "secrets", ns, secret)
+        if body is not None:
+            found[secret] = frozenset((body.get("data") or {}) | (body.get("stringData") or {}))
+    return found
 
 
 async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any, informer: Informer | None = None) -> None:

@@ -49,19 +49,35 @@ def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
     return value
 
 
+SecretReader = Callable[[str, str], "dict[str, bytes] | None"]  # (namespace, name) -> data, or None
+
+
 def volume_mounts(
-    pod: dict[str, Any], container: dict[str, Any], pod_dir: Path, pvc_dir: Callable[[str], Path]
+    pod: dict[str, Any], container: dict[str, Any], pod_dir: Path, pvc_dir: Callable[[str], Path],
+    secrets: SecretReader | None = None,
 ) -> list[tuple[str, str]]:
     """(mountPath, local directory) for each of the container's volumeMounts, deepest first.
 
-    A persistentVolumeClaim maps to `pvc_dir(claimName)`; emptyDir and every other kind to a fresh
-    directory under `pod_dir/volumes/`; `subPath` is honoured. Creates the directories.
+    A persistentVolumeClaim maps to `pvc_dir(claimName)`; a `secret` volume to a directory holding
+    its keys (its `items`) when `secrets` can read it, and is left unmounted otherwise (the local
+    runner: the user's own environment carries credentials); emptyDir and every other kind to a
+    fresh directory under `pod_dir/volumes/`; `subPath` is honoured. Creates the directories.
     """
     volumes: dict[str, Path] = {}
+    namespace = str((pod.get("metadata") or {}).get("namespace") or "default")
     for vol in (pod.get("spec") or {}).get("volumes") or []:
         claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
         if claim:
             volumes[vol["name"]] = pvc_dir(claim)
+        elif "secret" in vol:
+            data = secrets(namespace, vol["secret"].get("secretName", "")) if secrets else None
+            if data is None:
+                continue
+            path = volumes[vol["name"]] = pod_dir / "volumes" / vol["name"]
+            path.mkdir(parents=True, exist_ok=True)
+            for item in vol["secret"].get("items") or [{"key": k, "path": k} for k in data]:
+                if item["key"] in data:
+                    (path / item["path"]).write_bytes(data[item["key"]])
         else:  # emptyDir; configMap/secret/... have no source here: an empty directory too
             volumes[vol["name"]] = pod_dir / "volumes" / vol["name"]
             volumes[vol["name"]].mkdir(parents=True, exist_ok=True)
@@ -109,11 +125,24 @@ def expand_vars(value: str, env: dict[str, str]) -> str:
     return _VAR_REF.sub(sub, value)
 
 
-def env_value(item: dict[str, Any], pod: dict[str, Any]) -> str | None:
+def unmounted_secret_paths(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """mountPaths of the container's `secret` volumes (the ones left unmounted without a reader)."""
+    secret_vols = {v["name"] for v in (pod.get("spec") or {}).get("volumes") or [] if "secret" in v}
+    return [m["mountPath"].rstrip("/") for m in container.get("volumeMounts") or [] if m.get("name") in secret_vols]
+
+
+def env_value(item: dict[str, Any], pod: dict[str, Any], secrets: SecretReader | None = None) -> str | None:
+    """An env entry's value: `value`, a `fieldRef` to the pod's name/namespace/uid, or a
+    `secretKeyRef` read through `secrets` (None without a reader: the host's variable stays)."""
     if "value" in item:
         return str(item["value"])
-    ref = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
     meta = pod.get("metadata") or {}
+    secret_ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+    if secret_ref:
+        data = secrets(str(meta.get("namespace") or "default"), secret_ref.get("name", "")) if secrets else None
+        value = (data or {}).get(secret_ref.get("key", ""))
+        return None if value is None else value.decode()
+    ref = ((item.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
     if ref in ("metadata.name", "metadata.namespace", "metadata.uid"):
         return str(meta.get(ref.split(".", 1)[1], ""))
     return None

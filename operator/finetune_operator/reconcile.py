@@ -18,6 +18,10 @@ Lifecycle: Pending -> Training -> Exporting -> Succeeded, with Failed and Suspen
     looked at again every pending_interval: GitOps applies both jobs at once); Failed ->
     SourceJobFailed; Succeeded without a sentence-transformers export -> SourceExportMissing.
     A running pod is never stopped for what happens to the source later.
+  - `spec.credentials`: every referenced Secret and key (read by the caller into
+    `observed.secrets`, names and keys only) gates every launch: missing -> Pending (Exporting
+    for the export pod) with reason SecretMissing naming the Secret, the key and the field, looked
+    at again every pending_interval; a running pod is never stopped for it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .builders import (
 from .contract import RESULT_COMPLETED, RESULT_INVALID
 from .observe import Observed, PodObservation
 from .plan import Delete, Pass, Plan, Settings, describe, parse_time
+from .remote import missing_secrets
 from .spec import FineTuneSpec, SpecError, parse_spec
 
 __all__ = ["Delete", "Plan", "Settings", "reconcile"]
@@ -194,6 +199,12 @@ def _run(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObservat
         p.phase(S.PHASE_EXPORTING if role == ROLE_EXPORT else S.PHASE_PENDING, S.REASON_BACKOFF,
                 f"retrying in {wait:.0f}s after {describe(last[0]) if last else 'an interruption'}")  # fmt: skip
         p.plan.requeue_after = wait
+        return p.finish()
+    missing = missing_secrets(spec.credentials, observed.secrets) if observed.secrets is not None else None
+    if missing is not None:  # never a pod stuck silently in CreateContainerConfigError
+        p.phase(S.PHASE_EXPORTING if role == ROLE_EXPORT else S.PHASE_PENDING, S.REASON_SECRET_MISSING,
+                f"waiting for credentials: {missing}; the {role} pod starts once it is there", announce=True)  # fmt: skip
+        p.plan.requeue_after = p.settings.pending_interval
         return p.finish()
     source = None
     if needs_source(spec, role):

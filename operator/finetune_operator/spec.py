@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .contract import API_VERSION, EXPORT_FORMATS, KIND
+from .remote import CredentialsSpec, check_s3_url, is_s3, parse_credentials, parse_push
 from .specfields import (
     _DNS_LABEL,
     _DNS_SUBDOMAIN,
@@ -148,6 +149,7 @@ class ExportSpec:
     tolerance: float = 1.0e-5
     evaluate: EvaluateSpec | None = None
     checkpoint: str | None = None  # export a named checkpoint instead of the final result
+    push: tuple[str, ...] = ()  # s3://bucket/prefix/ and oci://registry/repository:tag (remote.py)
 
     @property
     def max_shard_bytes(self) -> int:
@@ -188,6 +190,7 @@ class FineTuneSpec:
     suspend: bool
     ttl_seconds_after_finished: int | None
     raw: dict[str, Any]  # the spec as given, for handing to worker pods unchanged
+    credentials: CredentialsSpec = field(default_factory=CredentialsSpec)  # Secret references (remote.py)
 
 
 # --------------------------------------------------------------------------- sections
@@ -207,12 +210,22 @@ def _model(o: _Obj) -> ModelSpec:
             if base[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
                 raise SpecError(o.at("base"), f"unknown builtin model {_show(base)}; bundled: "
                                 + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        elif is_s3(base):
+            check_s3_url(base, o.at("base"), prefix=True)
         else:
             check_relative_path(base, o.at("base"))
     m = ModelSpec(base=base, from_job=from_job, revision=o.str("revision", None),
                   trust_remote_code=o.bool("trustRemoteCode", False))
     o.done()
     return m
+
+
+def _data_path(path: str, where: str) -> None:
+    """A data file on the workspace, or an object in S3 (`s3://bucket/key`)."""
+    if is_s3(path):
+        check_s3_url(path, where, prefix=False)
+    else:
+        check_relative_path(path, where)
 
 
 def _eval(o: _Obj) -> EvalSpec | None:
@@ -226,7 +239,7 @@ def _eval(o: _Obj) -> EvalSpec | None:
     if len(given) > 1:
         raise SpecError(o.path, f"set exactly one of fraction, path, inline (got {', '.join(given)})")
     if path is not None:
-        check_relative_path(path, o.at("path"))
+        _data_path(path, o.at("path"))
     o.done()
     return EvalSpec(fraction=fraction, path=path, inline=inline) if given else None
 
@@ -241,7 +254,7 @@ def _dataset(o: _Obj) -> DatasetSpec:
         raise SpecError(o.path, "set exactly one of path, hub, inline"
                         + (f" (got {', '.join(given)})" if given else ""))
     if path is not None:
-        check_relative_path(path, o.at("path"))
+        _data_path(path, o.at("path"))
     if hub is not None and not _HUB_ID.match(hub):
         raise SpecError(o.at("hub"), f"not a hub dataset id: {_show(hub)}")
     cols_raw = o.get("columns") or {}
@@ -372,7 +385,7 @@ def _export(o: _Obj) -> ExportSpec:
     e = ExportSpec(merge=o.bool("merge", True), formats=tuple(fmts),
                    pooling=o.str("pooling", None, choices=POOLINGS), normalize=o.bool("normalize", True),
                    max_shard_size=size, tolerance=tol, evaluate=evaluate,
-                   checkpoint=o.str("checkpoint", None))
+                   checkpoint=o.str("checkpoint", None), push=parse_push(o.get("push"), o.at("push")))
     if e.checkpoint is not None and (e.checkpoint != "final" and not re.fullmatch(r"checkpoint-[0-9]+", e.checkpoint)):
         raise SpecError(o.at("checkpoint"), f"must be 'final' or a checkpoint name like checkpoint-100, got {_show(e.checkpoint)}")
     o.done()
@@ -427,6 +440,7 @@ def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
         suspend=o.bool("suspend", False),
         ttl_seconds_after_finished=o.int("ttlSecondsAfterFinished", None, lo=0, hi=2**31 - 1),
         raw=dict(o.value),
+        credentials=parse_credentials(o.sub("credentials")),
     )
     o.done()
     _cross_checks(s, path)

@@ -37,6 +37,7 @@ REASON_WAITING_FOR_STORAGE = "WaitingForStorage"
 REASON_WAITING_FOR_SOURCE = "WaitingForSourceJob"  # spec.model.fromJob missing or not Succeeded yet
 REASON_SOURCE_FAILED = "SourceJobFailed"
 REASON_SOURCE_EXPORT_MISSING = "SourceExportMissing"  # Succeeded, but no sentence-transformers export
+REASON_SECRET_MISSING = "SecretMissing"  # a spec.credentials Secret or key does not exist (yet)
 REASON_POD_STARTING = "PodStarting"
 REASON_TRAINING = "Training"
 REASON_EXPORTING = "Exporting"

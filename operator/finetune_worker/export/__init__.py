@@ -5,7 +5,8 @@ locate the result (final/ or spec.export.checkpoint) -> plan the merge (every ad
 must exist in the base, else exit 2 with nothing written) -> stream-merge into a staging dir
 (peft's merge_and_unload for adapter kinds streaming can't do, said in the log and metadata)
 -> lay out the formats -> verify -> optional evaluation gate -> card + metadata -> atomic
-publish to `<workspace>/export/`. A rerun on a current, complete export exits 0 at once.
+publish to `<workspace>/export/` -> push to spec.export.push targets (push.py). A rerun on a
+current, complete export does nothing but the push (so a failed push retries the push only).
 
 SIGTERM (recorded from start-up on, see preemption.py) stops the export at the next stage or
 shard boundary before the publish: its staging is removed, an export published earlier stays as
@@ -100,6 +101,7 @@ def _run_export(
         if removed:
             log.info("removed staging left by an interrupted export: %s", ", ".join(removed))
         meta = _export(spec, workspace, metadata or {}, stagings, watch)
+        pushed = _push(spec, workspace, meta, watch)
         summary = {
             "result": RESULT_COMPLETED,
             "message": meta.pop("_message"),
@@ -109,6 +111,7 @@ def _run_export(
             "metrics": _headline(meta.get("metrics")),
             "merge": (meta.get("merge") or {}).get("method"),
             "seconds": round(time.monotonic() - started, 1),
+            **({"pushed": pushed} if pushed else {}),
         }
         write_summary(summary)
         emit("export", stage="done", **{k: v for k, v in summary.items() if k != "result"})
@@ -140,6 +143,22 @@ def _run_export(
         for staging in stagings:  # published ones were renamed away; failed ones go
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def _push(spec: FineTuneSpec, workspace: Path, meta: dict[str, Any], watch: PreemptionWatch) -> list[dict[str, Any]]:
+    """spec.export.push, from the published export (also when it was already current: a rerun after
+    a failed push only pushes)."""
+    if not spec.export.push:
+        return []
+    from .push import push_all
+
+    try:
+        return push_all(spec.export.push, workspace / EXPORT_DIR, meta,
+                        lambda where: _stop_if_requested(watch, where))  # fmt: skip
+    except InvalidInput as e:
+        raise InvalidInput(f"push refused (the export itself is published and verified): {e}") from None
+    except TransientError as e:
+        raise TransientError(f"push failed, the export itself is published and verified; a rerun only pushes: {e}") from None
 
 
 def _headline(metrics: dict[str, float] | None) -> dict[str, float] | None:
