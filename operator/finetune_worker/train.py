@@ -136,6 +136,9 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     loss = build_loss(spec, model)
     resume = _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if has_loss_state(loss) else ())
     resumed_from = resume.name if resume is not None else None
+    if resume is not None:  # where this attempt picks up (the local runner says it on screen)
+        state = _trainer_state(resume)
+        emit("resume", checkpoint=resume.name, step=state.get("global_step"), totalSteps=state.get("max_steps"))
     emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
          evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device))
     if watch.requested:  # during model load: `resume` is the newest valid checkpoint (newer invalid ones are gone)
@@ -166,11 +169,16 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
                    message=f"trained {step} steps; result in {FINAL_DIR}/", resumed_from=resumed_from)
 
 
+def _trainer_state(checkpoint: Path) -> dict[str, Any]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state if isinstance(state, dict) else {}
+
+
 def _finished_state(checkpoint: Path | None) -> tuple[int, float, float | None] | None:
     """(step, epoch, last logged loss) when a checkpoint is the run's last step, else None."""
     if checkpoint is None:
         return None
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    state = _trainer_state(checkpoint)
     step, max_steps = int(state.get("global_step", 0)), int(state.get("max_steps", 0) or 0)
     if max_steps <= 0 or step < max_steps:
         return None
