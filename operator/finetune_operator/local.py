@@ -41,6 +41,7 @@ import yaml
 from .builders import claim_name
 from .contract import API_VERSION, EXPORT_DIR, KIND
 from .executor import LocalPodExecutor
+from .localprogress import LiveScreen, progress_text
 from .localstory import carry_on, close_interrupted, newest_checkpoint, resume_line
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
 from .reconcile import Plan, Settings, reconcile
@@ -155,7 +156,8 @@ class LocalRunner:
         if not self.jobs:
             raise ValueError("no job to run")
         self.workdir = Path(workdir).resolve()
-        self.out = out
+        self.screen = LiveScreen(out)  # a live progress line on a terminal, plain periodic lines elsewhere
+        self.out: TextIO | LiveScreen = self.screen
         self.settings = settings
         self.wake = threading.Event()
         self.executor = LocalPodExecutor(self.workdir, bin_dir=bin_dir, on_exit=lambda _name: self.wake.set())
@@ -292,7 +294,9 @@ class LocalRunner:
                     wait = min(wait, plan.requeue_after or wait)
                 phases = [job["status"].get("phase") for job in self.jobs.values()]
                 if all(ph in (PHASE_SUCCEEDED, PHASE_FAILED) for ph in phases) and not self._running():
+                    self.screen.end()
                     return self.report()
+                self.show_progress()
                 if deadline is not None and time.monotonic() > deadline:
                     self.out.write(f"timed out after {timeout:.0f}s; stopping the worker\n")
                     self.stop()
@@ -303,7 +307,16 @@ class LocalRunner:
             self.interrupt()
             return self.stop_interrupted()
         finally:
+            self.screen.end()
             self.executor.close()
+
+    def show_progress(self) -> None:
+        lines = {}
+        for name, job in self.jobs.items():
+            text = progress_text(job["status"])
+            if text:
+                lines[name] = text
+        self.screen.show(lines)
 
     def interrupt(self, *_: object) -> None:
         """The SIGINT/SIGTERM handler: the first asks the workers to checkpoint and stop, the second
@@ -317,6 +330,7 @@ class LocalRunner:
 
     def stop_interrupted(self) -> int:
         """Stop the workers after Ctrl-C, record how their attempts ended, exit 130."""
+        self.screen.end()
         self.out.write("interrupted: the worker checkpoints and stops (Ctrl-C again to stop at once)\n")
         self.out.flush()
         for _, pod in self._live_pods():
