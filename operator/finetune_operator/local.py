@@ -63,8 +63,13 @@ def load_job(path: Path) -> dict[str, Any]:
     try:
         doc = yaml_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
-        raise SpecError(str(path), f"cannot read: {e}") from None
+        raise SpecError(str(path), f"cannot read: {_named(e, path)}") from None
     return _job_from(doc, str(path), path.stem.replace("_", "-").lower())
+
+
+def _named(e: Exception, path: Path) -> str:
+    """A YAML error naming the file instead of PyYAML's "<unicode string>"."""
+    return str(e).replace('"<unicode string>"', str(path)).replace("<unicode string>", str(path))
 
 
 def load_jobs(path: Path) -> list[dict[str, Any]]:
@@ -77,7 +82,7 @@ def load_jobs(path: Path) -> list[dict[str, Any]]:
     try:
         docs = [d for d in yaml_load_all(path.read_text(encoding="utf-8")) if d is not None]
     except (OSError, yaml.YAMLError) as e:
-        raise SpecError(str(path), f"cannot read: {e}") from None
+        raise SpecError(str(path), f"cannot read: {_named(e, path)}") from None
     if len(docs) <= 1:  # as load_job reads it, without reading the file again
         return [_job_from(docs[0] if docs else None, str(path), path.stem.replace("_", "-").lower())]
     jobs = []
@@ -130,6 +135,19 @@ def world_problem(jobs: list[dict[str, Any]]) -> str | None:
             if chain[-1] in chain[:-1]:
                 return f"spec.model.fromJob cycle: {' -> '.join(chain)}"
     return None
+
+
+def gpu_warnings(jobs: list[dict[str, Any]], device: str = "/dev/nvidia0") -> list[str]:
+    """A warning for each job that asks for GPUs on a machine that has none (its pods run on CPU)."""
+    if Path(device).exists():
+        return []
+    out = []
+    for j in jobs:
+        gpus = ((j.get("spec") or {}).get("resources") or {}).get("gpus", 1)
+        if isinstance(gpus, int) and gpus > 0:
+            out.append(f"{j['metadata']['name']} asks for {gpus} GPU{'s' if gpus > 1 else ''} (spec.resources.gpus) but "
+                       "this machine has none: it trains on CPU, much more slowly")  # fmt: skip
+    return out
 
 
 def age(seconds: float) -> str:
@@ -429,18 +447,21 @@ def _format(cols: tuple[str, ...]) -> str:
 
 
 def main(files: str | Sequence[str], workdir: str | None = None, timeout: float | None = None,
-         out: TextIO = sys.stdout) -> int:  # fmt: skip
-    """`finetune-operator local FILE [FILE ...] [--workdir DIR]`."""
+         out: TextIO = sys.stdout, err: TextIO | None = None) -> int:  # fmt: skip
+    """`finetune-operator local FILE [FILE ...] [--workdir DIR]`. Errors go to `err` (stderr)."""
+    err = err or sys.stderr
     paths = [Path(files)] if isinstance(files, str) else [Path(f) for f in files]
     try:
         loaded = [(path, job) for path in paths for job in load_jobs(path)]
     except SpecError as e:
-        out.write(f"finetune-operator local: {e}\n")
+        err.write(f"finetune-operator local: {e}\n")
         return 2
     problem = world_problem([job for _, job in loaded])
     if problem:
-        out.write(f"finetune-operator local: {problem}\n")
+        err.write(f"finetune-operator local: {problem}\n")
         return 2
+    for line in gpu_warnings([job for _, job in loaded]):
+        err.write(f"finetune-operator local: warning: {line}\n")
     root = Path(workdir) if workdir else Path.cwd() / ".finetune" / loaded[0][1]["metadata"]["name"]
     root.mkdir(parents=True, exist_ok=True)
     runner = LocalRunner([job for _, job in loaded], root, out=out)

@@ -160,10 +160,12 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
                            + (f"; saved {cp}" if cp and cp == trainer.last_checkpoint else ""),
                            resumed_from=resumed_from)
     metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))} if data.eval is not None else {}
+    history = trainer.state.log_history if finished is None else _trainer_state(resume).get("log_history", [])
     info = {"baseModel": base, "lora": spec.lora is not None, "steps": step, "epochs": epoch,
             "loss": spec.training.loss, "seed": spec.training.seed, "trainRows": len(data.train),
             "evalRows": len(data.eval) if data.eval is not None else 0, "evalMetrics": metrics,
-            "trainLoss": train_loss, "versions": _versions()}
+            "trainLoss": train_loss, "versions": _versions(),
+            "logHistory": [e for e in history if isinstance(e, dict)]}  # the model card's loss curve
     _publish_final(model, spec, workspace, info)
     return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=step, checkpoint=FINAL_DIR,
                    message=f"trained {step} steps; result in {FINAL_DIR}/", resumed_from=resumed_from)
@@ -235,7 +237,9 @@ def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Pa
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", use_cpu=not torch.cuda.is_available(),
         save_strategy="steps", save_steps=t.checkpoint.every_steps, save_total_limit=None,
         logging_steps=max(1, min(10, t.checkpoint.every_steps)), report_to="none", disable_tqdm=True,
-        eval_strategy="no", dataloader_num_workers=0, remove_unused_columns=False,
+        # an eval split is scored at every checkpoint, so the model card can plot it over steps
+        eval_strategy="steps" if data.eval is not None else "no", eval_steps=t.checkpoint.every_steps,
+        dataloader_num_workers=0, remove_unused_columns=False,
     )
     return ResumableTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, loss=loss,

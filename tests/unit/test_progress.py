@@ -7,10 +7,10 @@ from __future__ import annotations
 import io
 
 from crdkit import version
+from test_reconcile import job, pod, started, step
 
 from finetune_operator.localprogress import CLEAR, LiveScreen, progress_text
 from finetune_operator.observe import parse_log_tail
-from test_reconcile import job, pod, started, step
 
 TRAINING = {"phase": "Training", "progress": {"step": 12, "totalSteps": 20, "loss": 0.43217, "samplesPerSecond": 23.46,
                                               "etaSeconds": 72}}  # fmt: skip

@@ -103,8 +103,13 @@ def model_card(meta: dict[str, Any], fmt: str) -> str:
             f'model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "path/to/adapter")'
         ),
     }[fmt]
-    metrics = (
-        "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items())) or "| (none) | |"
+    metrics = _metrics_table(meta)
+    curve = meta.get("trainingCurve") or {}
+    picture = (
+        f"\n## Training curve\n\n![training loss{' and evaluation metrics' if curve.get('evalMetrics') else ''} "
+        f"over steps]({curve['file']})\n"
+        if curve.get("file")
+        else ""
     )
     return f"""---
 library_name: {"peft" if fmt == "adapter" else "sentence-transformers"}
@@ -119,12 +124,13 @@ Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if 
 - Training: loss {t.get("loss")}, {t.get("steps")} steps, {t.get("epochs")} epochs, seed {t.get("seed")}, data: {meta["data"].get("source")}
 - Exported from: {meta.get("source")}; merge: {meta["merge"].get("method")}
 - Pooling: {meta.get("pooling")}, normalize: {meta.get("normalize")}
-- Verified: {_verified(meta)}
+{picture}
+## Verification
+
+{_verified(meta)}.
 
 ## Evaluation
 
-| metric | value |
-|---|---|
 {metrics}
 
 ## Usage
@@ -133,6 +139,19 @@ Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if 
 {load}
 ```
 """
+
+
+def _metrics_table(meta: dict[str, Any]) -> str:
+    """The export's evaluation gate (when spec.export.evaluate is set) and the eval split's final
+    metrics from training, as one table; says so when there is neither."""
+    rows = [f"| {k} (export gate) | {v:.4f} |" for k, v in sorted((meta.get("metrics") or {}).items())
+            if isinstance(v, (int, float))]
+    evals = (meta.get("training") or {}).get("evalMetrics") or {}
+    rows += [f"| {k.removeprefix('eval_')} (eval split, end of training) | {v:.4f} |" for k, v in sorted(evals.items())
+             if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second", "epoch"))]
+    if not rows:
+        return "No evaluation: the job had no eval split and no `export.evaluate` gate."
+    return "| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
 def _verified(meta: dict[str, Any]) -> str:
