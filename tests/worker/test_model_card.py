@@ -38,7 +38,7 @@ def test_card_shows_the_loss_curve_eval_metrics_verification_and_gate(tiny_model
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
         assert "![training loss and evaluation metrics over steps](training_curve.png)" in card
         assert "## Verification" in card and "max |Δ|" in card
-        assert "ndcg@10 (export gate)" in card and "loss (eval split, end of training)" in card
+        assert "ndcg@10 (export evaluation)" in card and "loss (eval split, end of training)" in card
     import shutil
 
     shutil.copyfile(ws / "export" / "adapter" / "training_curve.png", Path("/tmp") / "ft-card-curve.png")

@@ -60,3 +60,9 @@ def test_every_offline_sample_runs_to_succeeded(tmp_path: Path) -> None:
         export = Path(status["export"]["path"]) if Path(status["export"]["path"]).is_absolute() else None
         assert export is None or (export / "metadata.json").is_file()
     assert "copied data/support-pairs.jsonl" in r.stdout  # the shipped data went into the workspace
+    full = workdir / "pvcs" / "support-data" / "export" / "sentence-transformers"  # the full fine-tune's card
+    card = (full / "README.md").read_text()
+    assert "![training loss and evaluation metrics over steps](training_curve.png)" in card
+    assert (full / "training_curve.png").is_file()
+    assert "## From sentence-transformers' model card" in card and "### Training Hyperparameters" in card
+    assert "## Verification" in card and "ndcg@10 (export evaluation)" in card

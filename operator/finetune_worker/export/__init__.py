@@ -306,8 +306,9 @@ def _export(
         files={},
     )
     meta["trainingCurve"] = _draw_curve(result, workspace, staging, formats, meta)
+    st_card = _read_text(result.model_dir / "README.md") if result.model_dir is not None and not result.lora else None
     for fmt in formats:
-        (staging / fmt / "README.md").write_text(model_card(meta, fmt))
+        (staging / fmt / "README.md").write_text(model_card(meta, fmt, st_card))
     meta["files"] = file_sizes(staging)
     write_json(staging / EXPORT_METADATA, meta)
     _stage(watch, "publishing")  # the last safe point: past it, the publish is one rename away
@@ -318,6 +319,13 @@ def _export(
         "_message": f"exported {result.name} as {', '.join(formats)}"
         + (f" (max deviation {dev:.2g})" if dev is not None else ""),
     }
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _draw_curve(result: Any, workspace: Path, staging: Path, formats: list[str],

@@ -80,8 +80,27 @@ def build_metadata(
     }
 
 
-def model_card(meta: dict[str, Any], fmt: str) -> str:
-    """A short README.md for one export format."""
+ST_SECTIONS = ("## Training Details", "## Citation")  # what sentence-transformers' own card says best
+
+
+def st_card_sections(card: str | None) -> str:
+    """The parts of the card sentence-transformers wrote when it saved a trained model (its training
+    dataset samples, hyperparameters, training logs, framework versions, citations), so the export's
+    card carries them instead of restating them; '' when there is no such card (a LoRA result)."""
+    if not card:
+        return ""
+    lines, keep, out = card.splitlines(), False, []
+    for line in lines:
+        if line.startswith("## "):
+            keep = line.startswith(ST_SECTIONS)
+        if keep:
+            out.append("#" + line if line.startswith("#") else line)  # one level down, under our heading
+    return "\n".join(out).strip()
+
+
+def model_card(meta: dict[str, Any], fmt: str, st_card: str | None = None) -> str:
+    """A short README.md for one export format; for sentence-transformers, followed by the sections of
+    sentence-transformers' own card that it wrote when training saved the model (`st_card`)."""
     name = meta.get("job") or "fine-tuned embedding model"
     base = meta.get("baseModelSpec") or meta.get("baseModel")
     t = meta["training"]
@@ -138,13 +157,13 @@ Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if 
 ```python
 {load}
 ```
-"""
+""" + (f"\n## From sentence-transformers' model card\n\n{st_sections}\n" if (st_sections := st_card_sections(st_card if fmt == "sentence-transformers" else None)) else "")
 
 
 def _metrics_table(meta: dict[str, Any]) -> str:
     """The export's evaluation gate (when spec.export.evaluate is set) and the eval split's final
     metrics from training, as one table; says so when there is neither."""
-    rows = [f"| {k} (export gate) | {v:.4f} |" for k, v in sorted((meta.get("metrics") or {}).items())
+    rows = [f"| {k} (export evaluation) | {v:.4f} |" for k, v in sorted((meta.get("metrics") or {}).items())
             if isinstance(v, (int, float))]
     evals = (meta.get("training") or {}).get("evalMetrics") or {}
     rows += [f"| {k.removeprefix('eval_')} (eval split, end of training) | {v:.4f} |" for k, v in sorted(evals.items())
