@@ -51,8 +51,9 @@ def newest_checkpoint(workspace: Path) -> dict[str, Any] | None:
 def reload_status(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(the status a previous run left in `path` to carry on from, a line saying what was reloaded).
 
-    A Failed status is not carried on (a rerun after fixing the input starts afresh); its attempts
-    are kept. A status.json that does not parse is ignored, and said so."""
+    A Failed status is not carried on (a rerun after fixing the input starts afresh; reconcile would
+    fail it again at once): it is kept beside, as `<name>.previous.json`. A status.json that does not
+    parse is ignored, and said so."""
     try:
         st = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -63,7 +64,9 @@ def reload_status(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, None
     attempts = [a for a in st.get("attempts") or [] if isinstance(a, dict)]
     if st.get("phase") == PHASE_FAILED:
-        return {"attempts": attempts}, f"the previous run failed ({st.get('reason')}); starting again"
+        kept = path.with_name(f"{path.stem}.previous.json")
+        path.replace(kept)
+        return None, f"the previous run failed ({st.get('reason')}); starting again (its status: {kept})"
     if st.get("phase") == PHASE_SUCCEEDED:
         return st, None
     n = len(attempts)

@@ -70,3 +70,26 @@ def test_not_a_terminal_prints_plain_lines_at_most_every_interval() -> None:
         screen.show({"job": text})
     assert out.getvalue() == "  job: 1/20\n  job: 5/20\n  job: 9/20\n"
     assert "\r" not in out.getvalue() and "\033" not in out.getvalue()
+
+
+def test_rerun_reloads_a_status_carries_on_and_starts_afresh_after_a_failure(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from finetune_operator.localstory import newest_checkpoint, reload_status
+
+    f = tmp_path / "status.json"
+    assert reload_status(f) == (None, None)
+    f.write_text(json.dumps({"phase": "Pending", "restarts": 1, "attempts": [{"pod": "a-train-1", "result": "preempted"}]}))
+    st, line = reload_status(f)
+    assert st is not None and st["restarts"] == 1 and line == "carrying on from status.json: 1 earlier attempt, restarts 1"
+    f.write_text(json.dumps({"phase": "Failed", "reason": "InvalidConfigOrData", "attempts": []}))
+    st, line = reload_status(f)
+    assert st is None and "previous run failed (InvalidConfigOrData); starting again" in (line or "")
+    assert not f.exists() and (tmp_path / "status.previous.json").is_file()
+    f.write_text("{not json")
+    assert reload_status(f)[0] is None and "ignoring" in (reload_status(f)[1] or "")
+    for n in (3, 12, 9):
+        (tmp_path / "ws" / "checkpoints" / f"checkpoint-{n}").mkdir(parents=True)
+        (tmp_path / "ws" / "checkpoints" / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "ws" / "checkpoints" / "checkpoint-40").mkdir()  # no trainer state: not a checkpoint
+    assert newest_checkpoint(tmp_path / "ws") == {"name": "checkpoint-12", "step": 12}
