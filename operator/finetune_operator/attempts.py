@@ -58,7 +58,7 @@ def _close(p: Pass, rec: dict[str, Any], pod: PodObservation | None) -> None:
         }
     if rec.get("role") == ROLE_TRAIN and result == RESULT_COMPLETED and isinstance(summary.get("step"), int):
         prog = dict(st.get("progress") or {})
-        prog.update(step=summary["step"], percent=100.0, updatedAt=p.ts)
+        prog.update(step=summary["step"], percent=100.0, etaSeconds=0, updatedAt=p.ts)
         if "stale" in prog:  # the summary is read from the pod status, not the log
             prog["stale"] = False
         prog.setdefault("totalSteps", summary["step"])
@@ -117,6 +117,11 @@ def record_live_progress(p: Pass, live: list[PodObservation]) -> None:
             step, total = prog.get("step"), prog.get("totalSteps")
             if isinstance(step, (int, float)) and isinstance(total, (int, float)) and total > 0:
                 prog["percent"] = round(min(100.0, 100.0 * step / total), 1)
+            eta = prog.get("etaSeconds")  # the schema says integer; a worker's float is rounded
+            if isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta < 1e9:
+                prog["etaSeconds"] = round(eta)
+            else:
+                prog.pop("etaSeconds", None)
             if {k: cur.get(k) for k in prog} == prog and not cur.get("stale"):
                 continue  # nothing new in the log: no write (updatedAt says when it last moved)
             prog["updatedAt"] = p.ts

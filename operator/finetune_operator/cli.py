@@ -10,10 +10,20 @@ import sys
 import time
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("finetune-operator")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finetune-operator", description="Fine-tune embedding models on Kubernetes."
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the operator against a cluster (kopf)")
     scope = run.add_mutually_exclusive_group()

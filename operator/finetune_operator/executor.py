@@ -358,6 +358,18 @@ class LocalPodExecutor:
                 record.done.wait(10)
         killpg(record.proc.pid, _signal.SIGKILL)  # leftovers in the group (a container's cgroup dies whole)
 
+    def terminate(self, name: str, *, kill: bool = False) -> None:
+        """SIGTERM (or SIGKILL) a running pod without waiting or forgetting it, so its ending can still
+        be observed (the local runner's Ctrl-C)."""
+        record = self._pods.get(name)
+        if record is None or record.proc is None or record.done.is_set():
+            return
+        if kill:
+            killpg(record.proc.pid, _signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.proc.pid, _signal.SIGTERM)
+
     def close(self) -> None:
         """Kill every pod still running and wait for them to be reaped."""
         with self._lock:

@@ -4,8 +4,14 @@ It drives the same `reconcile` as the in-cluster operator, with a LocalPodExecut
 the API server and kubelet: the pods reconcile plans are run as local processes, the workspace
 claim is a local directory (`<workdir>/pvcs/<claim>/`), the job's status lives in memory and in
 `<workdir>/status.json`. It prints the status transitions as `kubectl get ftj -w` would and ends
-with the path of the exported model; exit 0 on Succeeded, 1 on Failed, 130 on Ctrl-C (after
-stopping the worker gracefully, so a rerun with the same --workdir resumes from its checkpoint).
+with the path of the exported model; exit 0 on Succeeded, 1 on Failed, 130 on Ctrl-C.
+
+The story carries across runs (localstory.py): status.json is reloaded by a rerun with the same
+--workdir, so every attempt is kept and restarts are counted; the training pod that picks up says
+"resuming from checkpoint-N (step N of M)"; a rerun of a finished job says "already complete" and
+redoes nothing. Ctrl-C once: the worker checkpoints and stops (its attempt is `preempted`); Ctrl-C
+twice: stop now. Either way status.json is left consistent (no attempt open, phase Pending with
+reason Interrupted) and there is no traceback.
 
 Several jobs (several files, or `---`-separated documents) run in one local world, like one
 namespace: one workdir, every claim under `<workdir>/pvcs/`, each status in
@@ -35,6 +41,8 @@ import yaml
 from .builders import claim_name
 from .contract import API_VERSION, EXPORT_DIR, KIND
 from .executor import LocalPodExecutor
+from .localprogress import LiveScreen, progress_text
+from .localstory import carry_on, close_interrupted, newest_checkpoint, resume_line
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
 from .reconcile import Plan, Settings, reconcile
 from .spec import SpecError, parse_spec, yaml_load, yaml_load_all
@@ -55,8 +63,13 @@ def load_job(path: Path) -> dict[str, Any]:
     try:
         doc = yaml_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
-        raise SpecError(str(path), f"cannot read: {e}") from None
+        raise SpecError(str(path), f"cannot read: {_named(e, path)}") from None
     return _job_from(doc, str(path), path.stem.replace("_", "-").lower())
+
+
+def _named(e: Exception, path: Path) -> str:
+    """A YAML error naming the file instead of PyYAML's "<unicode string>"."""
+    return str(e).replace('"<unicode string>"', str(path)).replace("<unicode string>", str(path))
 
 
 def load_jobs(path: Path) -> list[dict[str, Any]]:
@@ -69,7 +82,7 @@ def load_jobs(path: Path) -> list[dict[str, Any]]:
     try:
         docs = [d for d in yaml_load_all(path.read_text(encoding="utf-8")) if d is not None]
     except (OSError, yaml.YAMLError) as e:
-        raise SpecError(str(path), f"cannot read: {e}") from None
+        raise SpecError(str(path), f"cannot read: {_named(e, path)}") from None
     if len(docs) <= 1:  # as load_job reads it, without reading the file again
         return [_job_from(docs[0] if docs else None, str(path), path.stem.replace("_", "-").lower())]
     jobs = []
@@ -124,6 +137,19 @@ def world_problem(jobs: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def gpu_warnings(jobs: list[dict[str, Any]], device: str = "/dev/nvidia0") -> list[str]:
+    """A warning for each job that asks for GPUs on a machine that has none (its pods run on CPU)."""
+    if Path(device).exists():
+        return []
+    out = []
+    for j in jobs:
+        gpus = ((j.get("spec") or {}).get("resources") or {}).get("gpus", 1)
+        if isinstance(gpus, int) and gpus > 0:
+            out.append(f"{j['metadata']['name']} asks for {gpus} GPU{'s' if gpus > 1 else ''} (spec.resources.gpus) but "
+                       "this machine has none: it trains on CPU, much more slowly")  # fmt: skip
+    return out
+
+
 def age(seconds: float) -> str:
     s = int(seconds)
     if s < 120:
@@ -148,7 +174,8 @@ class LocalRunner:
         if not self.jobs:
             raise ValueError("no job to run")
         self.workdir = Path(workdir).resolve()
-        self.out = out
+        self.screen = LiveScreen(out)  # a live progress line on a terminal, plain periodic lines elsewhere
+        self.out: TextIO | LiveScreen = self.screen
         self.settings = settings
         self.wake = threading.Event()
         self.executor = LocalPodExecutor(self.workdir, bin_dir=bin_dir, on_exit=lambda _name: self.wake.set())
@@ -156,6 +183,8 @@ class LocalRunner:
         self.claims: set[str] = set()
         self.started = time.monotonic()
         self._last_rows: dict[str, tuple[str, ...]] = {}
+        self.interrupts = 0
+        self._told_resume: set[str] = set()
 
     @property
     def job(self) -> dict[str, Any]:
@@ -178,6 +207,8 @@ class LocalRunner:
             if status is None:  # deleted
                 continue
             tail = self.executor.logs(pod, LOG_TAIL_LINES) if status.get("phase") == "Running" else None
+            if tail is not None and pod not in self._told_resume and "-train-" in pod:
+                self._tell_resume(name, pod)
             pods.append(observe_pod({"metadata": manifest["metadata"], "status": status}, tail))
         try:
             spec = parse_spec(job.get("spec"))
@@ -190,6 +221,22 @@ class LocalRunner:
         src = spec.model.from_job  # what the operator reads from the API: the other job as it is now
         source = copy.deepcopy(self.jobs[src]) if src and src != name and src in self.jobs else None
         return Observed(pods=tuple(pods), claim_exists=exists, source_job=source)
+
+    def _tell_resume(self, name: str, pod: str) -> None:
+        """Say once where a training pod picks up, as soon as its worker has said it."""
+        log = self.executor.logs(pod)
+        line = resume_line(log)
+        if line is not None or '"event": "start"' in log or '"event":"start"' in log:
+            self._told_resume.add(pod)
+        if line is not None:
+            self.out.write(f"  {'' if self.single else name + ': '}{pod}: {line}\n")
+            self.out.flush()
+
+    def workspace(self, name: str) -> Path | None:
+        try:
+            return self.workdir / "pvcs" / claim_name(name, parse_spec(self.jobs[name].get("spec")))
+        except SpecError:
+            return None
 
     def apply(self, plan: Plan, name: str | None = None) -> None:
         name = name or self.name
@@ -209,9 +256,15 @@ class LocalRunner:
             if ev["type"] == "Warning" or ev["reason"] in SHOWN_EVENTS:
                 self.out.write(f"  {who}{ev['type']} {ev['reason']}: {ev['message']}\n")
         if plan.status:
-            self.status_file(name).parent.mkdir(parents=True, exist_ok=True)
-            self.status_file(name).write_text(json.dumps(job["status"], indent=2))
+            self.save_status(name)
         self.print_row(name)
+
+    def save_status(self, name: str) -> None:
+        path = self.status_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.jobs[name]["status"], indent=2))
+        tmp.replace(path)  # a Ctrl-C mid-write never leaves half a status.json
 
     def status_file(self, name: str) -> Path:
         return self.workdir / "status.json" if self.single else self.workdir / "status" / f"{name}.json"
@@ -220,8 +273,12 @@ class LocalRunner:
         name = name or self.name
         st = self.jobs[name]["status"]
         pct = (st.get("progress") or {}).get("percent")
+        checkpoint = (st.get("checkpoint") or {}).get("name")
+        if not checkpoint and st.get("phase") not in (PHASE_SUCCEEDED, PHASE_FAILED):
+            ws = self.workspace(name)  # nothing reported yet: what the workspace holds
+            checkpoint = (newest_checkpoint(ws) or {}).get("name") if ws else None
         row = (name, str(st.get("phase") or ""), f"{pct:.0f}%" if isinstance(pct, (int, float)) else "",
-               str((st.get("checkpoint") or {}).get("name") or ""), str(st.get("restarts", 0)))  # fmt: skip
+               str(checkpoint or ""), str(st.get("restarts", 0)))  # fmt: skip
         if row != self._last_rows.get(name):
             if not self._last_rows:
                 self.out.write(_format(COLUMNS))
@@ -241,6 +298,8 @@ class LocalRunner:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
+                if self.interrupts:
+                    return self.stop_interrupted()
                 wait = self.settings.progress_interval
                 for name, job in self.jobs.items():
                     now = dt.datetime.now(dt.timezone.utc)
@@ -249,19 +308,70 @@ class LocalRunner:
                     wait = min(wait, plan.requeue_after or wait)
                 phases = [job["status"].get("phase") for job in self.jobs.values()]
                 if all(ph in (PHASE_SUCCEEDED, PHASE_FAILED) for ph in phases) and not self._running():
+                    self.screen.end()
                     return self.report()
+                self.show_progress()
                 if deadline is not None and time.monotonic() > deadline:
                     self.out.write(f"timed out after {timeout:.0f}s; stopping the worker\n")
                     self.stop()
                     return 1
                 self.wake.wait(wait)
                 self.wake.clear()
-        except KeyboardInterrupt:
-            self.out.write("interrupted: stopping the worker (it checkpoints first); rerun to resume\n")
-            self.stop()
-            return 130
+        except KeyboardInterrupt:  # an in-process caller without our SIGINT handler
+            self.interrupt()
+            return self.stop_interrupted()
         finally:
+            self.screen.end()
             self.executor.close()
+
+    def show_progress(self) -> None:
+        lines = {}
+        for name, job in self.jobs.items():
+            text = progress_text(job["status"])
+            if text:
+                lines[name] = text
+        self.screen.show(lines)
+
+    def interrupt(self, *_: object) -> None:
+        """The SIGINT/SIGTERM handler: the first asks the workers to checkpoint and stop, the second
+        stops them now."""
+        self.interrupts += 1
+        self.wake.set()
+
+    def _live_pods(self) -> list[tuple[str, str]]:
+        return [(name, pod) for name, pods in self.manifests.items() for pod in pods
+                if (self.executor.status(pod) or {}).get("phase") == "Running"]  # fmt: skip
+
+    def stop_interrupted(self) -> int:
+        """Stop the workers after Ctrl-C, record how their attempts ended, exit 130."""
+        self.screen.end()
+        self.out.write("interrupted: the worker checkpoints and stops (Ctrl-C again to stop at once)\n")
+        self.out.flush()
+        for _, pod in self._live_pods():
+            self.executor.terminate(pod)
+        forced, deadline = False, time.monotonic() + self.settings.grace_seconds
+        while self._live_pods():
+            if (self.interrupts > 1 or time.monotonic() > deadline) and not forced:
+                forced = True
+                self.out.write("stopping now\n")
+                self.out.flush()
+                for _, pod in self._live_pods():
+                    self.executor.terminate(pod, kill=True)
+            self.wake.wait(0.2)
+            self.wake.clear()
+        now = dt.datetime.now(dt.timezone.utc)
+        for name, job in self.jobs.items():
+            if job["status"].get("phase") in (PHASE_SUCCEEDED, PHASE_FAILED):
+                continue
+            job["status"] = close_interrupted(job, self.observe(name), now, self.settings, forced=forced)
+            self.save_status(name)
+            self.print_row(name)
+            cp = (job["status"].get("checkpoint") or {}).get("name")
+            who = "" if self.single else f"{name}: "
+            self.out.write(f"{who}stopped; rerun to resume{' from ' + cp if cp else ' (no checkpoint yet)'}: "
+                           f"the same command again (status: {self.status_file(name)})\n")
+        self.out.flush()
+        return 130
 
     def stop(self) -> None:
         for pods in self.manifests.values():
@@ -333,21 +443,26 @@ def _format(cols: tuple[str, ...]) -> str:
 
 
 def main(files: str | Sequence[str], workdir: str | None = None, timeout: float | None = None,
-         out: TextIO = sys.stdout) -> int:  # fmt: skip
-    """`finetune-operator local FILE [FILE ...] [--workdir DIR]`."""
+         out: TextIO = sys.stdout, err: TextIO | None = None) -> int:  # fmt: skip
+    """`finetune-operator local FILE [FILE ...] [--workdir DIR]`. Errors go to `err` (stderr)."""
+    err = err or sys.stderr
     paths = [Path(files)] if isinstance(files, str) else [Path(f) for f in files]
     try:
         loaded = [(path, job) for path in paths for job in load_jobs(path)]
     except SpecError as e:
-        out.write(f"finetune-operator local: {e}\n")
+        err.write(f"finetune-operator local: {e}\n")
         return 2
     problem = world_problem([job for _, job in loaded])
     if problem:
-        out.write(f"finetune-operator local: {problem}\n")
+        err.write(f"finetune-operator local: {problem}\n")
         return 2
+    for line in gpu_warnings([job for _, job in loaded]):
+        err.write(f"finetune-operator local: warning: {line}\n")
     root = Path(workdir) if workdir else Path.cwd() / ".finetune" / loaded[0][1]["metadata"]["name"]
     root.mkdir(parents=True, exist_ok=True)
     runner = LocalRunner([job for _, job in loaded], root, out=out)
+    if carry_on(runner, out):
+        return runner.report()
     for path, job in loaded:
         name = job["metadata"]["name"]
         try:
@@ -358,11 +473,15 @@ def main(files: str | Sequence[str], workdir: str | None = None, timeout: float 
         out.write(f"workspace: {workspace}\n" if runner.single else f"workspace of {name}: {workspace}\n")
         for rel in stage_inputs(job, [path.resolve().parent, Path.cwd()], workspace):
             out.write(f"copied {rel} into {whose} workspace\n")
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops gracefully, like Ctrl-C
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if main_thread:  # Ctrl-C (and SIGTERM, like Ctrl-C) stop gracefully; a second one stops now
+        for sig in previous:
+            signal.signal(sig, runner.interrupt)
     try:
         return runner.run(timeout)
     finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+

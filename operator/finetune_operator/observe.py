@@ -41,7 +41,7 @@ DISRUPTION_CONDITION = "DisruptionTarget"
 # Results that are the platform's doing, not the workload's: they never consume backoffLimit.
 INTERRUPTIONS = (RESULT_PREEMPTED, RESULT_EVICTED)
 EXPORT_EVENT = "export"
-PROGRESS_FIELDS = ("step", "totalSteps", "epoch", "loss", "samplesPerSecond")
+PROGRESS_FIELDS = ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "etaSeconds")
 LOG_TAIL_LINES = 40
 
 

@@ -35,6 +35,7 @@ from .specfields import (
     _show,
     _tolerations,
     check_relative_path,
+    did_you_mean,
 )
 
 # Re-exported: the operator, the worker, the tests and the benches import these from `spec`.
@@ -263,7 +264,7 @@ def _dataset(o: _Obj) -> DatasetSpec:
     known = {c for req, opt in LOSS_COLUMNS.values() for c in (*req, *opt)}
     for k, v in cols_raw.items():
         if k not in known:
-            raise SpecError(f"{o.at('columns')}.{k}", f"unknown model-side column; expected one of: {', '.join(sorted(known))}")
+            raise SpecError(f"{o.at('columns')}.{k}", f"unknown model-side column; expected one of: {', '.join(sorted(known))}{did_you_mean(k, known, hint=True)}")
         if not isinstance(v, str) or not v:
             raise SpecError(f"{o.at('columns')}.{k}", "must be a non-empty column name")
     d = DatasetSpec(path=path, hub=hub, inline=inline, split=o.str("split", "train") or "train",
@@ -307,7 +308,7 @@ def _loss_params(loss: str, v: Any, path: str) -> dict[str, Any]:
             raise SpecError(f"{path}.matryoshkaWeights", "must be a list of positive numbers, one per dimension")
         inner = v.get("innerLoss", "MultipleNegativesRankingLoss")
         if inner not in INNER_LOSSES:
-            raise SpecError(f"{path}.innerLoss", f"unknown inner loss {_show(inner)}; expected one of: {', '.join(INNER_LOSSES)}")
+            raise SpecError(f"{path}.innerLoss", f"unknown inner loss {_show(inner)}; expected one of: {', '.join(INNER_LOSSES)}{did_you_mean(inner, INNER_LOSSES, hint=True)}")
     tie = v.get("tieEncoderDecoder")
     if tie is not None and not isinstance(tie, bool):
         raise SpecError(f"{path}.tieEncoderDecoder", f"must be true or false, got {_kind(tie)}")
@@ -367,7 +368,7 @@ def _export(o: _Obj) -> ExportSpec:
         raise SpecError(o.at("formats"), f"must be a non-empty list of: {', '.join(EXPORT_FORMATS)}")
     for i, f in enumerate(fmts):
         if f not in EXPORT_FORMATS:
-            raise SpecError(f"{o.at('formats')}[{i}]", f"unknown format {_show(f)}; expected one of: {', '.join(EXPORT_FORMATS)}")
+            raise SpecError(f"{o.at('formats')}[{i}]", f"unknown format {_show(f)}; expected one of: {', '.join(EXPORT_FORMATS)}{did_you_mean(f, EXPORT_FORMATS, hint=True)}")
     if len(set(fmts)) != len(fmts):
         raise SpecError(o.at("formats"), "formats must be distinct")
     verify = o.sub("verify")

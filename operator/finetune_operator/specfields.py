@@ -9,8 +9,10 @@ FineTuneJob sections, their defaults and cross-checks from these.
 from __future__ import annotations
 
 import builtins  # _Obj's methods are named bool/int/float/str; annotations after them need these
+import difflib
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -67,7 +69,8 @@ class _Obj:
     def done(self) -> None:
         unknown = sorted(str(k) for k in self.value if k not in self.seen)
         if unknown:
-            raise SpecError(self.at(unknown[0]), f"unknown field (known: {', '.join(sorted(self.seen))})")
+            raise SpecError(self.at(unknown[0]), f"unknown field{did_you_mean(unknown[0], self.seen)} "
+                                                 f"(known: {', '.join(sorted(self.seen))})")
 
     def bool(self, key: str, default: bool) -> bool:
         v = self.get(key)
@@ -123,7 +126,8 @@ class _Obj:
         if _CONTROL.search(v):
             raise SpecError(self.at(key), "must not contain control characters (newlines, tabs, escapes)")
         if choices is not None and v not in choices:
-            raise SpecError(self.at(key), f"unknown value {_show(v)}; expected one of: {', '.join(choices)}")
+            raise SpecError(self.at(key), f"unknown value {_show(v)}; expected one of: "
+                                          f"{', '.join(choices)}{did_you_mean(v, choices, hint=True)}")
         return v
 
 
@@ -244,6 +248,19 @@ YamlLoader.add_implicit_resolver(
                r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."),
 )  # fmt: skip
+
+
+def did_you_mean(word: object, choices: Iterable[str], *, hint: bool = False) -> str:
+    """'; did you mean learningRate?' (with `hint`: ' (did you mean fp16?)') for the closest choice
+    (same letters in another case first, then spelling), or ''."""
+    if not isinstance(word, str):
+        return ""
+    options = sorted(set(choices))
+    same_case = [c for c in options if c.lower() == word.lower()]
+    close = same_case or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {close[0]}?)" if hint else f"; did you mean {close[0]}?"
 
 
 def yaml_load(text: str) -> Any:

@@ -53,8 +53,14 @@ class KillAtStep(TrainerCallback):
         return control
 
 
+PROGRESS_SECONDS_ENV = "FINETUNE_PROGRESS_SECONDS"  # the longest silence between progress lines (default 5)
+
+
 class Progress(TrainerCallback):
-    """JSON progress lines: the first step of this process, then every logging step."""
+    """JSON progress lines: the first step of this process, every logging step, and at least every
+    FINETUNE_PROGRESS_SECONDS between them (so a slow step cadence still shows step, rate and ETA).
+    Each carries step/totalSteps, epoch, the last logged loss, samplesPerSecond and etaSeconds (from
+    this process's own step rate)."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -62,6 +68,11 @@ class Progress(TrainerCallback):
         self.last_loss: float | None = None
         self._t0 = time.monotonic()
         self._s0 = 0
+        self._last = 0.0
+        try:
+            self.every = max(0.5, float(os.environ.get(PROGRESS_SECONDS_ENV, "5")))
+        except ValueError:
+            self.every = 5.0
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self._t0, self._s0 = time.monotonic(), state.global_step
@@ -77,11 +88,16 @@ class Progress(TrainerCallback):
         if self.first_step is None:
             self.first_step = state.global_step
             self._emit(state)
+        elif time.monotonic() - self._last >= self.every:
+            self._emit(state)
         return control
 
     def _emit(self, state: Any) -> None:
         now = time.monotonic()
         steps = state.global_step - self._s0
         rate = steps * self.batch_size / (now - self._t0) if now > self._t0 and steps > 0 else None
+        left = max(0, int(state.max_steps or 0) - int(state.global_step))
+        eta = round(left * (now - self._t0) / steps) if steps > 0 and state.max_steps else None
+        self._last = now
         emit("progress", step=state.global_step, totalSteps=state.max_steps, epoch=round(float(state.epoch or 0), 4),
-             loss=self.last_loss, samplesPerSecond=round(rate, 2) if rate else None)
+             loss=self.last_loss, samplesPerSecond=round(rate, 2) if rate else None, etaSeconds=eta)

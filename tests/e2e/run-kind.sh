@@ -168,7 +168,7 @@ log "resumed from: $resumed; export: $export_path; maxDeviation: $(jp '{.status.
 # ---------------------------------------------------------------- printer columns and short name
 table=$(k -n "$NS" get ftj "$JOB")
 echo "$table"
-head -n1 <<<"$table" | grep -Eq '^NAME +PHASE +PROGRESS +CHECKPOINT +RESTARTS +AGE *$' \
+head -n1 <<<"$table" | grep -Eq '^NAME +PHASE +PROGRESS +CHECKPOINT +RESTARTS +AGE +ETA *$' \
   || fail "printer columns: $(head -n1 <<<"$table")"
 row=$(tail -n1 <<<"$table")
 read -r name phase progress checkpoint restarts _ <<<"$row"

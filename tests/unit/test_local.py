@@ -195,9 +195,9 @@ def test_jobs_that_cannot_run_together_are_refused_before_anything_starts(
 ) -> None:
     f = tmp_path / "jobs.yaml"
     f.write_text(yaml.safe_dump_all(docs))
-    out = io.StringIO()
-    assert main([str(f)], str(tmp_path / "w"), timeout=5, out=out) == 2
-    assert said in out.getvalue() and not (tmp_path / "w" / "pods").exists()
+    out, err = io.StringIO(), io.StringIO()
+    assert main([str(f)], str(tmp_path / "w"), timeout=5, out=out, err=err) == 2
+    assert said in err.getvalue() and out.getvalue() == "" and not (tmp_path / "w" / "pods").exists()
 
 
 def test_a_read_only_sub_path_mount_of_another_claim_is_reachable_through_its_env_var(tmp_path: Path) -> None:

@@ -324,8 +324,10 @@ def _export(
         st_info=st_info,
         files={},
     )
+    meta["trainingCurve"] = _draw_curve(result, workspace, staging, formats, meta)
+    st_card = _read_text(result.model_dir / "README.md") if result.model_dir is not None and not result.lora else None
     for fmt in formats:
-        (staging / fmt / "README.md").write_text(model_card(meta, fmt))
+        (staging / fmt / "README.md").write_text(model_card(meta, fmt, st_card))
     meta["files"] = file_sizes(staging)
     write_json(staging / EXPORT_METADATA, meta)
     _stage(watch, "publishing")  # the last safe point: past it, the publish is one rename away
@@ -336,6 +338,28 @@ def _export(
         "_message": f"exported {result.name} as {', '.join(formats)}"
         + (f" (max deviation {dev:.2g})" if dev is not None else ""),
     }
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _draw_curve(result: Any, workspace: Path, staging: Path, formats: list[str],
+                meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The loss (and eval) curve as a PNG beside each format's card; None without a log history."""
+    from .plot import CURVE_FILE, draw_training_curve, log_history
+
+    history = log_history(result.info, workspace)
+    first = staging / formats[0] / CURVE_FILE
+    shown = draw_training_curve(history, first, f"{meta.get('job') or 'fine-tune'}: {meta['training'].get('loss')}")
+    if shown is None:
+        return None
+    for fmt in formats[1:]:
+        shutil.copyfile(first, staging / fmt / CURVE_FILE)
+    return {**shown, "file": CURVE_FILE}
 
 
 def _shard_done(watch: PreemptionWatch, i: int, n: int, name: str) -> None:

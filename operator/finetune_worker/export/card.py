@@ -80,8 +80,27 @@ def build_metadata(
     }
 
 
-def model_card(meta: dict[str, Any], fmt: str) -> str:
-    """A short README.md for one export format."""
+ST_SECTIONS = ("## Training Details", "## Citation")  # what sentence-transformers' own card says best
+
+
+def st_card_sections(card: str | None) -> str:
+    """The parts of the card sentence-transformers wrote when it saved a trained model (its training
+    dataset samples, hyperparameters, training logs, framework versions, citations), so the export's
+    card carries them instead of restating them; '' when there is no such card (a LoRA result)."""
+    if not card:
+        return ""
+    lines, keep, out = card.splitlines(), False, []
+    for line in lines:
+        if line.startswith("## "):
+            keep = line.startswith(ST_SECTIONS)
+        if keep:
+            out.append("#" + line if line.startswith("#") else line)  # one level down, under our heading
+    return "\n".join(out).strip()
+
+
+def model_card(meta: dict[str, Any], fmt: str, st_card: str | None = None) -> str:
+    """A short README.md for one export format; for sentence-transformers, followed by the sections of
+    sentence-transformers' own card that it wrote when training saved the model (`st_card`)."""
     name = meta.get("job") or "fine-tuned embedding model"
     base = meta.get("baseModelSpec") or meta.get("baseModel")
     t = meta["training"]
@@ -103,8 +122,13 @@ def model_card(meta: dict[str, Any], fmt: str) -> str:
             f'model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "path/to/adapter")'
         ),
     }[fmt]
-    metrics = (
-        "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(meta.get("metrics", {}).items())) or "| (none) | |"
+    metrics = _metrics_table(meta)
+    curve = meta.get("trainingCurve") or {}
+    picture = (
+        f"\n## Training curve\n\n![training loss{' and evaluation metrics' if curve.get('evalMetrics') else ''} "
+        f"over steps]({curve['file']})\n"
+        if curve.get("file")
+        else ""
     )
     return f"""---
 library_name: {"peft" if fmt == "adapter" else "sentence-transformers"}
@@ -119,12 +143,13 @@ Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if 
 - Training: loss {t.get("loss")}, {t.get("steps")} steps, {t.get("epochs")} epochs, seed {t.get("seed")}, data: {meta["data"].get("source")}
 - Exported from: {meta.get("source")}; merge: {meta["merge"].get("method")}
 - Pooling: {meta.get("pooling")}, normalize: {meta.get("normalize")}
-- Verified: {_verified(meta)}
+{picture}
+## Verification
+
+{_verified(meta)}.
 
 ## Evaluation
 
-| metric | value |
-|---|---|
 {metrics}
 
 ## Usage
@@ -132,7 +157,20 @@ Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if 
 ```python
 {load}
 ```
-"""
+""" + (f"\n## From sentence-transformers' model card\n\n{st_sections}\n" if (st_sections := st_card_sections(st_card if fmt == "sentence-transformers" else None)) else "")
+
+
+def _metrics_table(meta: dict[str, Any]) -> str:
+    """The export's evaluation gate (when spec.export.evaluate is set) and the eval split's final
+    metrics from training, as one table; says so when there is neither."""
+    rows = [f"| {k} (export evaluation) | {v:.4f} |" for k, v in sorted((meta.get("metrics") or {}).items())
+            if isinstance(v, (int, float))]
+    evals = (meta.get("training") or {}).get("evalMetrics") or {}
+    rows += [f"| {k.removeprefix('eval_')} (eval split, end of training) | {v:.4f} |" for k, v in sorted(evals.items())
+             if isinstance(v, (int, float)) and not k.endswith(("_runtime", "_per_second", "epoch"))]
+    if not rows:
+        return "No evaluation: the job had no eval split and no `export.evaluate` gate."
+    return "| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
 def _verified(meta: dict[str, Any]) -> str:
