@@ -63,11 +63,17 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         args = _parser().parse_args(argv)
         workspace = Path(args.workspace)
         try:
-            metadata, spec = load_config(_read_config(args.config))
+            config_text = _read_config(args.config)
+            metadata, spec = load_config(config_text)
         except SpecError as e:
             print(f"finetune-worker: invalid config: {e}", file=sys.stderr, flush=True)
             write_summary({"result": "invalid", "message": str(e)})
             return EXIT_INVALID
+        if args.command == "train" and spec.world_size > 1:
+            from .launch import launch, under_torchrun
+
+            if not under_torchrun():  # this process becomes torchrun's agent; the ranks run the lines below
+                return launch(spec, args.config, config_text, workspace, watch)
         return _run(args.command, spec, metadata, workspace, watch)
     finally:
         if not exiting:  # an in-process caller gets its own signal handling back
