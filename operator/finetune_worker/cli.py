@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,7 +94,13 @@ def _run(command: str, spec: FineTuneSpec, metadata: dict[str, object], workspac
 
 def run() -> None:
     """The `finetune-worker` console script."""
-    sys.exit(main(exiting=True))
+    code = main(exiting=True)
+    # The outcome is decided and reported. Python restores default handlers late in interpreter
+    # shutdown (a Python-level handler becomes SIG_DFL, SIG_IGN stays), so a SIGTERM then (torchrun
+    # stopping the other ranks the moment one exits) would turn this exit into a death by signal (-15).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -135,12 +135,13 @@ def launch(spec: FineTuneSpec, config_arg: str | None, config_text: str, workspa
     summaries = _read_summaries(ranks_dir)
     shutil.rmtree(ranks_dir, ignore_errors=True)
     code, summary = pod_outcome(summaries, procs, exit_codes)
-    summary = {**summary, "worldSize": world}
+    summary = {**summary, "worldSize": world, "ranks": {str(r): s.get("result") for r, s in sorted(summaries.items())}}
+    if exit_codes:  # what torchrun's agent saw each failed rank exit with (75: preempted)
+        summary["rankExitCodes"] = {str(r): c for r, c in sorted(exit_codes.items())}
     summary.pop("rank", None)
     write_summary(summary)
-    if code != EXIT_COMPLETED or not summaries:
-        emit("launch", exitCode=code, ranks={str(r): s.get("result") for r, s in sorted(summaries.items())},
-             worldSize=world)
+    if code != EXIT_COMPLETED:
+        emit("launch", exitCode=code, ranks=summary["ranks"], rankExitCodes=summary.get("rankExitCodes"), worldSize=world)
     return code
 
 
