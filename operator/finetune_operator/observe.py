@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .builders import LABEL_ATTEMPT, LABEL_ROLE
+from .builders import LABEL_ATTEMPT, LABEL_RANK, LABEL_ROLE
 from .contract import (
     CHECKPOINT_EVENT,
     EXIT_COMPLETED,
@@ -65,6 +65,7 @@ class PodObservation:
     progress: dict[str, Any] | None = None  # last progress line of the log tail
     checkpoint: dict[str, Any] | None = None  # last checkpoint line of the log tail
     stage: str | None = None  # last export stage line of the log tail (loading, merged, verified, ...)
+    rank: int | None = None  # a multi-node gang's member rank (label finetune.dev/rank), else None
 
     @property
     def ended(self) -> bool:
@@ -238,4 +239,5 @@ def observe_pod(pod: dict[str, Any], log_tail: str | None = None) -> PodObservat
         progress=progress,
         checkpoint=checkpoint,
         stage=parse_export_stage(log_tail) if labels.get(LABEL_ROLE) == "export" else None,
+        rank=int(labels[LABEL_RANK]) if str(labels.get(LABEL_RANK, "")).isdigit() else None,
     )
