@@ -107,8 +107,12 @@ def _rank(pod: PodObservation) -> int:
     return pod.rank or 0
 
 
-def collapse(pods: tuple[PodObservation, ...], job: str, nodes: int, known: dict[str, list[str]]
-             ) -> tuple[tuple[PodObservation, ...], list[Delete], dict[str, list[str]]]:
+def _describe(p: PodObservation) -> dict[str, Any]:
+    return {"pod": p.name, "result": p.result, "exitCode": p.exit_code, "reason": p.reason, "message": p.message[:256]}
+
+
+def collapse(pods: tuple[PodObservation, ...], job: str, nodes: int, known: dict[str, list[str]],
+             first: dict[str, dict[str, Any]]) -> tuple[tuple[PodObservation, ...], list[Delete], dict[str, dict[str, Any]]]:
     """Fold each gang's members into one observation named after the gang.
 
     Args:
@@ -116,10 +120,11 @@ def collapse(pods: tuple[PodObservation, ...], job: str, nodes: int, known: dict
         job: the job's name.
         nodes: members per gang.
         known: gang name -> member names, from status (so a member that vanished is noticed).
+        first: gang name -> the member that ended first, as recorded in status (it may be gone since).
 
     Returns:
-        (observations for reconcile, deletes of the members of gangs that are ending,
-         gang name -> member names, for expanding reconcile's deletes of a gang).
+        (observations for reconcile, deletes of the live members of gangs that are ending,
+         gang name -> its first-ended member for gangs that are ending now, to record in status).
     """
     by_gang: dict[str, list[PodObservation]] = {}
     out: list[PodObservation] = []
@@ -129,42 +134,43 @@ def collapse(pods: tuple[PodObservation, ...], job: str, nodes: int, known: dict
         else:
             out.append(pod)
     deletes: list[Delete] = []
-    members: dict[str, list[str]] = {}
+    ending: dict[str, dict[str, Any]] = {}
     for name, group in sorted(by_gang.items()):
         group.sort(key=_rank)
         expected = known.get(name) or [member_name(job, group[0].attempt, r) for r in range(nodes)]
-        members[name] = expected
         seen = {p.name for p in group}
         vanished = [n for n in expected if n not in seen]
         ended = sorted((p for p in group if p.ended), key=lambda p: (p.finished_at or "", _rank(p)))
         live = [p for p in group if not p.ended]
-        failed_first = next((p for p in ended if p.result != RESULT_COMPLETED), None)
-        lead = group[0]
-        if failed_first is None and not vanished and not live:  # every member completed
-            out.append(replace(lead, name=name, summary={**lead.summary, "endedFirst": None}))
-            continue
-        first: PodObservation | None = failed_first
-        if first is None and vanished:
-            first = replace(lead, name=vanished[0], result=RESULT_EVICTED, exit_code=None, reason=None,
-                            message=VANISHED, summary={})
-        if first is None:  # all running (or some completed, the rest still finishing): the gang runs
-            rank0 = next((p for p in group if _rank(p) == 0), lead)
-            out.append(replace(rank0, name=name, deleting=any(p.deleting for p in live) and not rank0.ended))
+        rank0 = group[0]
+        desc = first.get(name)
+        if desc is None:
+            failed = next((p for p in ended if p.result != RESULT_COMPLETED), None)
+            if failed is not None:
+                desc = _describe(failed)
+            elif vanished:
+                desc = {"pod": vanished[0], "result": RESULT_EVICTED, "exitCode": None, "reason": None, "message": VANISHED}
+        if desc is None:
+            if live:  # running (some members may have completed; the rest are finishing)
+                out.append(replace(rank0, name=name, result=None, deleting=any(p.deleting for p in live)))
+            else:  # every member completed
+                out.append(replace(rank0, name=name, summary={**rank0.summary, "endedFirst": None}))
             continue
         if live:  # the attempt is over; stop the rest (SIGTERM: they checkpoint and exit 75)
             deletes += [Delete("Pod", p.name) for p in live if not p.deleting]
-            out.append(replace(first, name=name, result=None, deleting=True, phase="Running"))
+            ending[name] = desc
+            out.append(replace(rank0, name=name, result=None, deleting=True))
             continue
-        summary = {**first.summary, "endedFirst": {"pod": first.name, "result": first.result,
-                                                   "exitCode": first.exit_code, "reason": first.reason}}
-        # the checkpoint the gang left: the newest any member reported
-        for p in ended:
-            if isinstance(p.summary.get("checkpoint"), str) and p.summary.get("step") is not None and (
-                    summary.get("step") is None or p.summary["step"] >= summary["step"]):  # fmt: skip
-                summary.update(checkpoint=p.summary["checkpoint"], step=p.summary["step"])
-        out.append(replace(first, name=name, summary=summary,
-                           message=f"{first.name} ended first ({first.result}): {first.message}"))
-    return tuple(out), deletes, members
+        summary: dict[str, Any] = {"endedFirst": desc}
+        for p in ended:  # the checkpoint the gang left: the newest any member reported
+            step = p.summary.get("step")
+            if isinstance(p.summary.get("checkpoint"), str) and isinstance(step, int) and step >= summary.get("step", -1):
+                summary.update(checkpoint=p.summary["checkpoint"], step=step)
+        out.append(replace(rank0, name=name, result=desc["result"], exit_code=desc.get("exitCode"),
+                           reason=desc.get("reason"), summary=summary, phase="Failed",
+                           finished_at=max((p.finished_at or "" for p in ended), default="") or None,
+                           message=f"{desc['pod']} ended first ({desc['result']}): {desc.get('message') or ''}".rstrip(": ")))
+    return tuple(out), deletes, ending
 
 
 def expand(deletes: list[Delete], members: dict[str, list[str]], live: set[str]) -> list[Delete]:

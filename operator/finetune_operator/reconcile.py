@@ -77,8 +77,14 @@ def reconcile(
     members: dict[str, list[str]] = {}
     if spec.distributed.nodes > 1:  # a gang per attempt, seen as one pod (gang.py)
         pod_names = {pod.name for pod in live}
-        known = {str(a["pod"]): list(a["pods"]) for a in st["attempts"] if a.get("pods")}
-        pods, stops, members = gang.collapse(observed.pods, str(job["metadata"]["name"]), spec.distributed.nodes, known)
+        gangs = [a for a in st["attempts"] if a.get("pods")]
+        members = {str(a["pod"]): list(a["pods"]) for a in gangs}
+        first = {str(a["pod"]): a["endedFirst"] for a in gangs if a.get("endedFirst")}
+        pods, stops, ending = gang.collapse(observed.pods, str(job["metadata"]["name"]), spec.distributed.nodes,
+                                            members, first)
+        for a in gangs:  # remembered: the member that ended first may be gone by the time the gang is
+            if str(a["pod"]) in ending:
+                a["endedFirst"] = ending[str(a["pod"])]
         observed = replace(observed, pods=pods)
         live = [pod for pod in observed.pods if not pod.ended]
         p.plan.delete += stops
