@@ -190,7 +190,7 @@ class FineTuneSpec:
     suspend: bool
     ttl_seconds_after_finished: int | None
     raw: dict[str, Any]  # the spec as given, for handing to worker pods unchanged
-    distributed: DistributedSpec = DistributedSpec()
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
 
     @property
     def world_size(self) -> int:

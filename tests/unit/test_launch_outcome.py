@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from finetune_worker.launch import pod_outcome, torchrun_args
 from finetune_operator.spec import parse_spec
+from finetune_worker.launch import pod_outcome, torchrun_args
 
 
 def _s(result: str, **kw: Any) -> dict[str, Any]:
