@@ -1,7 +1,8 @@
 """The training worker on several processes (torchrun in the pod, gloo on CPU, a tiny model):
 rank 0 speaks for the job, SIGTERM to one rank stops every rank at one checkpoint (exit 75) and the
-resume is exact, a killed rank ends the launch promptly and the relaunch resumes, and a resume on
-fewer processes keeps the global batch through gradient accumulation."""
+resume is exact, and a resume on fewer processes keeps the global batch through gradient accumulation.
+A SIGKILLed rank (the launch ends within a stated bound, the relaunch resumes) is in
+tests/chaos/test_distributed_chaos.py."""
 
 from __future__ import annotations
 
@@ -16,14 +17,11 @@ from worker.trainkit import checkpoint_names, max_abs_diff, pair_spec, train, wr
 
 pytestmark = pytest.mark.worker
 
-KILLED_RANK_EXIT_BOUND_S = 30  # a rank SIGKILLed: gloo peers fail at once; torchrun stops the rest
-
-
 def _weights(ws: Path, lora: bool) -> Path:
     return ws / "final" / ("adapter/adapter_model.safetensors" if lora else "model.safetensors")
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
 def test_sigterm_to_one_rank_stops_all_at_one_checkpoint_and_resume_is_exact(tiny_model: Path, tmp_path: Path,
                                                                              lora: bool) -> None:
     cfg = write_config(tmp_path, with_procs(pair_spec(tiny_model, steps=12, every=5, lora=lora), 2))
@@ -54,23 +52,6 @@ def test_sigterm_to_one_rank_stops_all_at_one_checkpoint_and_resume_is_exact(tin
     assert resumed.summary and resumed.summary["resumedFrom"] == f"checkpoint-{at}"
     assert resumed.events("progress")[0]["step"] == at + 1
     assert max_abs_diff(_weights(tmp_path / "ref", lora), _weights(ws, lora)) <= 1e-6
-
-
-def test_sigkill_of_one_rank_ends_every_rank_promptly_and_the_relaunch_resumes(tiny_model: Path, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, with_procs(pair_spec(tiny_model, steps=40, every=2), 2))
-    ws = tmp_path / "ws"
-    killed, took = train_and_signal_rank(tmp_path, cfg, ws, rank=1, sig=signal.SIGKILL, after_step=3)
-    assert killed.rc == 1, killed.stderr[-3000:]
-    assert took < KILLED_RANK_EXIT_BOUND_S
-    assert killed.summary and killed.summary["result"] == "failed"
-    assert killed.summary["rankExitCodes"]["1"] == -9
-    done = [int(n.split("-")[1]) for n in checkpoint_names(ws) if n.startswith("checkpoint-")]
-    assert done, "no checkpoint before the kill"
-
-    relaunched = train(tmp_path, cfg, ws)
-    assert relaunched.rc == 0, relaunched.stderr[-3000:]
-    assert relaunched.summary and relaunched.summary["resumedFrom"] == f"checkpoint-{max(done)}"
-    assert relaunched.summary["step"] == 40
 
 
 @pytest.mark.slow
