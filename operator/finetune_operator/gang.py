@@ -49,7 +49,10 @@ def gang_name(job: str, attempt: int) -> str:
 
 
 def member_name(job: str, attempt: int, rank: int) -> str:
-    return dns_label(f"{job}-{ROLE_TRAIN}-{attempt}-{rank}")
+    """`<gang name>-<rank>`: members share one prefix (also when cut and hashed), so their DNS names
+    sort member 0 first, and torchrun's c10d rendezvous, which ranks nodes by sorted address, puts
+    global rank 0 (the one that reports progress and the summary) on member 0."""
+    return f"{dns_label(f'{job}-{ROLE_TRAIN}-{attempt}', MAX_LABEL - 3)}-{rank}"  # room for ranks 0-63, any rank
 
 
 def service_name(job: str) -> str:

@@ -26,13 +26,16 @@ def env(pod: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0]["env"]}
 
 
-@pytest.mark.parametrize("name", ["faq", "a" * 63, "9" + "b" * 62, "x-" * 31 + "y"])
+@pytest.mark.parametrize("name", ["faq", "a" * 63, "9" + "b" * 62, "x-" * 31 + "y", "c" * 48, "d" * 49])
 def test_names_are_dns_labels_for_any_valid_job_name(name: str) -> None:
     for n in (member_name(name, 12345, 63), service_name(name)):
         assert LABEL.match(n) and len(n) <= 63, n
     assert service_name(name)[0].isalpha()  # a Service name is a DNS-1035 label
     assert member_name(name, 1, 0) != member_name(name, 1, 1) != member_name(name[:-1] + "z", 1, 1)
     assert dns_label("short") == "short"
+    members = [member_name(name, 7, r) for r in range(12)]
+    assert sorted(members)[0] == members[0]  # c10d ranks nodes by sorted address: global rank 0 on member 0
+    assert len({m.rsplit("-", 1)[0] for m in members}) == 1
 
 
 def test_launch_creates_a_service_and_every_member_with_rendezvous_env_and_kueue_metadata() -> None:
