@@ -15,6 +15,7 @@ and prints, from one run:
   sigterm     seconds from a SIGTERM to ONE rank until every rank has exited (exit 75) with the
               checkpoint written, and the steps lost (trained but not in that checkpoint; goal 0),
               checked by resuming: the resumed run's first step must be the checkpoint's step + 1
+  sigkill     seconds from a SIGKILL of one rank until every rank has exited (exit 1)
 
     python bench/bench_distributed.py [--procs 2] [--steps 40] [--every 20] [--batch 16] [--repeat 2]
 """
@@ -160,6 +161,19 @@ def main() -> None:
     lost = result["step"] - (first - 1)
     print(f"sigterm to rank 1 of {a.procs}: every rank exited 75 in {took:.2f}s with {ckpt} written "
           f"(stopped at step {result['step']}); steps lost: {lost}  (goal 0)")
+
+    # SIGKILL of one rank (an OOM kill): seconds until every rank has exited (a failure, exit 1)
+    p = subprocess.Popen(_worker_cmd(long_cfg, tmp / "ws-kill"), env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, cwd=tmp)
+    assert p.stdout is not None
+    for line in p.stdout:
+        if line.startswith("{") and '"progress"' in line and json.loads(line)["step"] >= 10:
+            break
+    pids = rank_pids(p.pid)
+    sent = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    p.communicate(timeout=600)
+    print(f"sigkill of rank 1 of {a.procs}: the launch exited {p.returncode} in {time.monotonic() - sent:.2f}s")
 
 
 if __name__ == "__main__":
