@@ -48,6 +48,8 @@ def _close(p: Pass, rec: dict[str, Any], pod: PodObservation | None) -> None:
     rec["finishedAt"] = (pod.finished_at if pod is not None else None) or p.ts
     rec["exitCode"] = pod.exit_code if pod is not None else None
     rec["message"] = (pod.message if pod is not None else "") or (VANISHED_MESSAGE if pod is None else "")
+    if "endedFirst" in summary:  # a multi-node attempt (gang.py): the member whose ending ended it
+        rec["endedFirst"] = summary["endedFirst"]
     if summary.get("resumedFrom") is not None:
         rec["resumedFrom"] = summary["resumedFrom"]
     if rec.get("role") == ROLE_TRAIN and isinstance(summary.get("checkpoint"), str):

@@ -21,6 +21,7 @@ from .spec import FineTuneSpec
 LABEL_JOB = f"{GROUP}/job"
 LABEL_ROLE = f"{GROUP}/role"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_RANK = f"{GROUP}/rank"  # a multi-node gang's member (gang.py)
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ROLE_TRAIN = "train"
 ROLE_EXPORT = "export"
@@ -122,7 +123,7 @@ def build_pvc(job: dict[str, Any], spec: FineTuneSpec) -> dict[str, Any]:
     if spec.storage.reclaim_policy == "Delete":
         meta["ownerReferences"] = [owner_reference(job)]
     pvc_spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
+        "accessModes": list(spec.storage.access_modes),
         "resources": {"requests": {"storage": spec.storage.size}},
     }
     if spec.storage.storage_class_name:

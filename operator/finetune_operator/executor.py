@@ -19,6 +19,8 @@ What a pod becomes here:
     `pods/<name>/volumes/`. Every arg, env value and workingDir equal to or under a `mountPath`
     (also as the value of `--flag=PATH`) is rewritten to the local directory (`subPath` honoured).
     `readOnly` is not enforced: the processes run as this user.
+  - a multi-node gang's rendezvous (PET_RDZV_ENDPOINT, the rank-0 pod's DNS name) -> 127.0.0.1 and
+    one free port per rendezvous id, so the members of an attempt find each other on this machine.
   - stdout+stderr -> `pods/<name>/log`; status is a Kubernetes PodStatus dict.
   - `resources.limits.memory` is enforced like the kernel's cgroup OOM killer: a pod whose process
     tree's RSS goes over the limit is SIGKILLed and reported as `OOMKilled`, exit code 137.
@@ -49,6 +51,7 @@ from .podlocal import (
     env_value,
     expand_vars,
     killpg,
+    local_rendezvous,
     parse_memory_quantity,
     resolve_executable,
     rewrite_path,
@@ -117,6 +120,7 @@ class LocalPodExecutor:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._rdzv_ports: dict[str, int] = {}  # a gang's rendezvous id -> its port on 127.0.0.1
         (self.root / "pvcs").mkdir(parents=True, exist_ok=True)
         (self.root / "pods").mkdir(parents=True, exist_ok=True)
 
@@ -184,6 +188,7 @@ class LocalPodExecutor:
             value = env_value(item, pod, self._secrets)
             if value is not None and not any(value == m or value.startswith(m + "/") for m in unmounted):
                 container_env[item["name"]] = rewrite_path(expand_vars(value, container_env), mounts)
+        container_env = local_rendezvous(container_env, self._rdzv_ports)
         env.update(container_env)
         command = container.get("command") or self.default_command
         argv = [

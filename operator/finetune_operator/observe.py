@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .builders import LABEL_ATTEMPT, LABEL_ROLE
+from .builders import LABEL_ATTEMPT, LABEL_RANK, LABEL_ROLE
 from .contract import (
     CHECKPOINT_EVENT,
     EXIT_COMPLETED,
@@ -66,6 +66,7 @@ class PodObservation:
     checkpoint: dict[str, Any] | None = None  # last checkpoint line of the log tail
     stage: str | None = None  # last export stage line of the log tail (loading, merged, verified, ...)
     log_error: str | None = None  # why the log tail could not be read (progress is then stale)
+    rank: int | None = None  # a multi-node gang's member rank (label finetune.dev/rank), else None
 
     @property
     def ended(self) -> bool:
@@ -244,4 +245,5 @@ def observe_pod(pod: dict[str, Any], log_tail: str | None = None, log_error: str
         checkpoint=checkpoint,
         stage=parse_export_stage(log_tail) if labels.get(LABEL_ROLE) == "export" else None,
         log_error=log_error,
+        rank=int(labels[LABEL_RANK]) if str(labels.get(LABEL_RANK, "")).isdigit() else None,
     )

@@ -169,3 +169,26 @@ def tree_rss(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+RDZV_ENDPOINT_ENV = "PET_RDZV_ENDPOINT"  # torchrun's rendezvous endpoint (a multi-node gang, gang.py)
+RDZV_ID_ENV = "PET_RDZV_ID"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def local_rendezvous(env: dict[str, str], ports: dict[str, int]) -> dict[str, str]:
+    """A gang member's rendezvous on this machine: the rank-0 pod's DNS name becomes 127.0.0.1 and
+    each rendezvous id (one per attempt) its own free port, shared by the members of that attempt."""
+    if RDZV_ENDPOINT_ENV not in env:
+        return env
+    rdzv = env.get(RDZV_ID_ENV) or env[RDZV_ENDPOINT_ENV]
+    if rdzv not in ports:
+        ports[rdzv] = free_port()
+    return {**env, RDZV_ENDPOINT_ENV: f"127.0.0.1:{ports[rdzv]}"}

@@ -27,8 +27,10 @@ Lifecycle: Pending -> Training -> Exporting -> Succeeded, with Failed and Suspen
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any
 
+from . import gang
 from . import status as S
 from .attempts import record_endings, record_live_progress
 from .builders import (
@@ -77,6 +79,28 @@ def reconcile(
     if too_large:
         return _invalid(p, live, S.REASON_CONFIG_TOO_LARGE, too_large)
 
+    members: dict[str, list[str]] = {}
+    if spec.distributed.nodes > 1:  # a gang per attempt, seen as one pod (gang.py)
+        pod_names = {pod.name for pod in live}
+        gangs = [a for a in st["attempts"] if a.get("pods")]
+        members = {str(a["pod"]): list(a["pods"]) for a in gangs}
+        first = {str(a["pod"]): a["endedFirst"] for a in gangs if a.get("endedFirst")}
+        pods, stops, ending = gang.collapse(observed.pods, str(job["metadata"]["name"]), spec.distributed.nodes,
+                                            members, first)
+        for a in gangs:  # remembered: the member that ended first may be gone by the time the gang is
+            if str(a["pod"]) in ending:
+                a["endedFirst"] = ending[str(a["pod"])]
+        observed = replace(observed, pods=pods)
+        live = [pod for pod in observed.pods if not pod.ended]
+        p.plan.delete += stops
+        plan = _decide(p, spec, observed, live)
+        plan.delete = gang.expand(plan.delete, members, pod_names)
+        return plan
+    return _decide(p, spec, observed, live)
+
+
+def _decide(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObservation]) -> Plan:
+    st = p.st
     record_endings(p, observed)
     record_live_progress(p, live)
     attempts = st["attempts"]
@@ -303,15 +327,26 @@ def _launch(
     attempt = max(numbers, default=0) + 1
     pod = build_pod(p.job, spec, role, attempt, image=p.settings.worker_image,
                     grace_seconds=p.settings.grace_seconds, source=source)  # fmt: skip
-    p.plan.create.append(pod)
     name = pod["metadata"]["name"]
+    record: dict[str, Any] = {}
+    if role == ROLE_TRAIN and spec.world_size > 1:
+        _distributed_env(pod, p.settings.grace_seconds)
+        st["worldSize"] = record["worldSize"] = spec.world_size
+    if role == ROLE_TRAIN and spec.distributed.nodes > 1:
+        job_name = str(p.job["metadata"]["name"])
+        gang_pods = gang.gang_members(pod, job_name, attempt, spec.distributed.nodes)
+        p.plan.create += [gang.build_service(p.job), *gang_pods]
+        name = gang.gang_name(job_name, attempt)
+        record["pods"] = [m["metadata"]["name"] for m in gang_pods]
+    else:
+        p.plan.create.append(pod)
     resumed = (st.get("checkpoint") or {}).get("name") if role == ROLE_TRAIN else None
     if attempt > 1:
         st["restarts"] += 1
     if role == ROLE_TRAIN and attempt > 1:  # progress starts again from the resume point
         _progress_from(st, st.get("checkpoint") if resumed else None, p.ts)
     st["attempts"].append(
-        {"pod": name, "role": role, "attempt": attempt, "startedAt": p.ts, "resumedFrom": resumed}
+        {"pod": name, "role": role, "attempt": attempt, "startedAt": p.ts, "resumedFrom": resumed, **record}
     )
     st.pop("nextAttemptAfter", None)
     st.setdefault("startTime", p.ts)
@@ -349,6 +384,16 @@ def _progress_from(st: dict[str, Any], checkpoint: dict[str, Any] | None, ts: st
     if was_stale:  # false, not absent: a merge patch keeps keys it does not name
         prog["stale"] = False
     st["progress"] = prog
+
+
+def _shutdown_timeout(grace_seconds: int) -> int:
+    """torchrun's wait for its ranks after SIGTERM: the pod's grace period less a margin to exit."""
+    return max(5, grace_seconds - min(30, grace_seconds // 5))
+
+
+def _distributed_env(pod: dict[str, Any], grace_seconds: int) -> None:
+    env = pod["spec"]["containers"][0]["env"]
+    env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(_shutdown_timeout(grace_seconds))})
 
 
 def _running(p: Pass, role: str, pod: PodObservation) -> Plan:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .contract import API_VERSION, EXPORT_FORMATS, KIND
+from .distributed import DistributedSpec, check_distributed, parse_access_modes, parse_distributed
 from .remote import CredentialsSpec, check_s3_url, is_s3, parse_credentials, parse_push
 from .specfields import (
     _DNS_LABEL,
@@ -171,6 +172,7 @@ class StorageSpec:
     size: str = "20Gi"
     storage_class_name: str | None = None
     reclaim_policy: str = "Retain"
+    access_modes: tuple[str, ...] = ("ReadWriteOnce",)
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,11 @@ class FineTuneSpec:
     ttl_seconds_after_finished: int | None
     raw: dict[str, Any]  # the spec as given, for handing to worker pods unchanged
     credentials: CredentialsSpec = field(default_factory=CredentialsSpec)  # Secret references (remote.py)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
+
+    @property
+    def world_size(self) -> int:
+        return self.distributed.world_size(self.resources.gpus)
 
 
 # --------------------------------------------------------------------------- sections
@@ -287,9 +294,9 @@ def _loss_params(loss: str, v: Any, path: str) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise SpecError(path, f"must be an object, got {_kind(v)}")
     allowed = {
-        "MatryoshkaLoss": {"matryoshkaDims", "matryoshkaWeights", "innerLoss", "miniBatchSize"},
-        "CachedMultipleNegativesRankingLoss": {"miniBatchSize", "scale"},
-        "MultipleNegativesRankingLoss": {"scale"},
+        "MatryoshkaLoss": {"matryoshkaDims", "matryoshkaWeights", "innerLoss", "miniBatchSize", "gatherAcrossDevices"},
+        "CachedMultipleNegativesRankingLoss": {"miniBatchSize", "scale", "gatherAcrossDevices"},
+        "MultipleNegativesRankingLoss": {"scale", "gatherAcrossDevices"},
         "CoSENTLoss": {"scale"},
         "DenoisingAutoEncoderLoss": {"tieEncoderDecoder", "noiseDeleteRatio"},
     }[loss]
@@ -318,6 +325,9 @@ def _loss_params(loss: str, v: Any, path: str) -> dict[str, Any]:
     mbs = v.get("miniBatchSize")
     if mbs is not None and (not isinstance(mbs, int) or isinstance(mbs, bool) or mbs < 1):
         raise SpecError(f"{path}.miniBatchSize", "must be a positive integer")
+    gather = v.get("gatherAcrossDevices")
+    if gather is not None and not isinstance(gather, bool):
+        raise SpecError(f"{path}.gatherAcrossDevices", f"must be true or false, got {_kind(gather)}")
     scale = v.get("scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
         raise SpecError(f"{path}.scale", "must be a positive number")
@@ -403,13 +413,14 @@ def _resources(o: _Obj) -> ResourcesSpec:
     return r
 
 
-def _storage(o: _Obj) -> StorageSpec:
+def _storage(o: _Obj, nodes: int) -> StorageSpec:
     claim = o.str("claimName", None)
     if claim is not None and not _DNS_LABEL.match(claim):
         raise SpecError(o.at("claimName"), f"not a PersistentVolumeClaim name: {_show(claim)}")
     s = StorageSpec(claim_name=claim, size=_quantity(o, "size", "20Gi"),
                     storage_class_name=_k8s_name(o, "storageClassName", _DNS_SUBDOMAIN, "StorageClass name"),
-                    reclaim_policy=o.str("reclaimPolicy", "Retain", choices=RECLAIM_POLICIES) or "Retain")
+                    reclaim_policy=o.str("reclaimPolicy", "Retain", choices=RECLAIM_POLICIES) or "Retain",
+                    access_modes=parse_access_modes(o.get("accessModes"), o.at("accessModes"), nodes))
     o.done()
     return s
 
@@ -422,6 +433,7 @@ def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
     tolerations = _tolerations(o, "tolerations")
     node_selector = _node_selector(o, "nodeSelector")
     queue = o.str("queueName", None)
+    distributed = parse_distributed(o.sub("distributed"))
     if queue is not None and not _DNS_LABEL.match(queue):
         raise SpecError(o.at("queueName"), f"not a LocalQueue name: {_show(queue)}")
     s = FineTuneSpec(
@@ -436,12 +448,13 @@ def parse_spec(spec: Any, path: str = "spec") -> FineTuneSpec:
         tolerations=tuple(tolerations),
         priority_class_name=_k8s_name(o, "priorityClassName", _DNS_SUBDOMAIN, "PriorityClass name"),
         queue_name=queue,
-        storage=_storage(o.sub("storage")),
+        storage=_storage(o.sub("storage"), distributed.nodes),
         backoff_limit=o.int("backoffLimit", 3, lo=0, hi=100) or 0,
         suspend=o.bool("suspend", False),
         ttl_seconds_after_finished=o.int("ttlSecondsAfterFinished", None, lo=0, hi=2**31 - 1),
         raw=dict(o.value),
         credentials=parse_credentials(o.sub("credentials")),
+        distributed=distributed,
     )
     o.done()
     _cross_checks(s, path)
@@ -461,6 +474,8 @@ def _cross_checks(s: FineTuneSpec, path: str) -> None:
         raise SpecError(f"{path}.export.formats", "the 'adapter' format needs a LoRA fine-tune (spec.lora)")
     if s.training.precision == "fp16" and s.resources.gpus == 0:
         raise SpecError(f"{path}.training.precision", "fp16 training needs a GPU (resources.gpus >= 1); use fp32 or bf16 on CPU")
+    check_distributed(s.distributed, gpus=s.resources.gpus, loss=s.training.loss, inner_loss=s.training.inner_loss,
+                      access_modes=s.storage.access_modes, loss_params=s.training.loss_params, path=path)
 
 
 

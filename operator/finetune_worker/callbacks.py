@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .distributed import agree_stop
 from .preemption import PreemptionWatch
 from .summary import emit
 
@@ -26,7 +27,11 @@ def fault(kind: str, step: int) -> bool:
 
 
 class StopOnPreemption(TrainerCallback):
-    """At the first step boundary after SIGTERM: save a checkpoint (if enabled) and stop."""
+    """At the first step boundary after SIGTERM: save a checkpoint (if enabled) and stop.
+
+    Distributed: a SIGTERM may reach one rank (its pod evicted) or all; every step the ranks agree
+    through one all_reduce(MAX) of a one-element flag, so all stop at the same step and save one
+    checkpoint together."""
 
     def __init__(self, watch: PreemptionWatch, checkpoint: bool) -> None:
         self.watch = watch
@@ -36,9 +41,10 @@ class StopOnPreemption(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if fault("sigterm-at-step", state.global_step):
             os.kill(os.getpid(), signal.SIGTERM)
-        if self.watch.requested and self.stopped_at_step is None:
+        if self.stopped_at_step is None and agree_stop(self.watch.requested):
             self.stopped_at_step = state.global_step
-            emit("preemption", signal=self.watch.signal_name, step=state.global_step, saving=self.checkpoint)
+            emit("preemption", signal=self.watch.signal_name or "SIGTERM (another rank)", step=state.global_step,
+                 saving=self.checkpoint)
             control.should_save = self.checkpoint
             control.should_training_stop = True
         return control

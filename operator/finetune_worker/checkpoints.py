@@ -107,7 +107,8 @@ def checkpoint_problem(path: Path, needs: Iterable[str] = ()) -> str | None:
     for name in REQUIRED_PICKLES:
         if not (path / name).exists():
             return f"{name} missing"
-    for name in (*REQUIRED_PICKLES, *OPTIONAL_PICKLES, *needs):
+    rank_states = sorted(p.name for p in path.glob("rng_state_*.pth"))  # one per rank of a distributed run
+    for name in (*REQUIRED_PICKLES, *OPTIONAL_PICKLES, *rank_states, *needs):
         p = path / name
         if name in needs and not p.exists():
             return f"{name} missing"
@@ -189,5 +190,6 @@ def rotate(workspace: Path, keep: int) -> list[str]:
     return removed
 
 
-def staging_for(workspace: Path, step: int) -> Path:
-    return checkpoints_dir(workspace) / f"{STAGING_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+def staging_for(workspace: Path, step: int, *, shared: bool = False) -> Path:
+    """Where a checkpoint is built: per process, or (`shared`, distributed) one directory all ranks write into."""
+    return checkpoints_dir(workspace) / f"{STAGING_PREFIX}{checkpoint_name(step)}-{'ranks' if shared else os.getpid()}"

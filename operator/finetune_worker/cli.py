@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,13 +109,19 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             print(f"finetune-worker: {message}", file=sys.stderr, flush=True)
             return EXIT_INVALID
         try:
-            metadata, spec = load_config(_read_config(args.config))
+            config_text = _read_config(args.config)
+            metadata, spec = load_config(config_text)
         except SpecError as e:
             named = str(e).replace('"<unicode string>"', _config_name(args.config)).replace("<unicode string>", _config_name(args.config))
             print(f"finetune-worker: invalid config: {named}", file=sys.stderr, flush=True)
             write_summary({"result": "invalid", "message": named})
             return EXIT_INVALID
         _warn_without_gpu(spec)
+        if args.command == "train" and spec.world_size > 1:
+            from .launch import launch, under_torchrun
+
+            if not under_torchrun():  # this process becomes torchrun's agent; the ranks run the lines below
+                return launch(spec, args.config, config_text, workspace, watch)
         return _run(args.command, spec, metadata, workspace, watch)
     finally:
         if not exiting:  # an in-process caller gets its own signal handling back
@@ -149,7 +156,13 @@ def _run(command: str, spec: FineTuneSpec, metadata: dict[str, object], workspac
 
 def run() -> None:
     """The `finetune-worker` console script."""
-    sys.exit(main(exiting=True))
+    code = main(exiting=True)
+    # The outcome is decided and reported. Python restores default handlers late in interpreter
+    # shutdown (a Python-level handler becomes SIG_DFL, SIG_IGN stays), so a SIGTERM then (torchrun
+    # stopping the other ranks the moment one exits) would turn this exit into a death by signal (-15).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

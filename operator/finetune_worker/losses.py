@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune_operator.distributed import GATHER_LOSSES, gather_across_devices
 from finetune_operator.spec import FineTuneSpec
 
 from .errors import InvalidInput
@@ -39,10 +40,12 @@ def check_loss_against_model(spec: FineTuneSpec, model: SentenceTransformer) -> 
         raise InvalidInput("spec.training.lossParams.tieEncoderDecoder: only a decoder tied to the encoder is supported")
 
 
-def _simple(name: str, model: SentenceTransformer, params: dict[str, Any]) -> torch.nn.Module:
+def _simple(name: str, model: SentenceTransformer, params: dict[str, Any], world_size: int = 1) -> torch.nn.Module:
     from sentence_transformers.sentence_transformer import losses
 
     kwargs: dict[str, Any] = {}
+    if name in GATHER_LOSSES:
+        kwargs["gather_across_devices"] = gather_across_devices(params, world_size)
     if "scale" in params:
         kwargs["scale"] = float(params["scale"])
     if name == "CachedMultipleNegativesRankingLoss":
@@ -52,14 +55,15 @@ def _simple(name: str, model: SentenceTransformer, params: dict[str, Any]) -> to
     return loss
 
 
-def build_loss(spec: FineTuneSpec, model: SentenceTransformer) -> torch.nn.Module:
-    """The loss module the spec names, bound to the model."""
+def build_loss(spec: FineTuneSpec, model: SentenceTransformer, world_size: int = 1) -> torch.nn.Module:
+    """The loss module the spec names, bound to the model; in-batch negatives gathered from every rank
+    when world_size > 1 (lossParams.gatherAcrossDevices, default on)."""
     from sentence_transformers.sentence_transformer import losses
 
     name, params = spec.training.loss, spec.training.loss_params
     if name == "MatryoshkaLoss":
-        inner_params = {k: v for k, v in params.items() if k in ("miniBatchSize",)}
-        inner = _simple(spec.training.inner_loss, model, inner_params)
+        inner_params = {k: v for k, v in params.items() if k in ("miniBatchSize", "gatherAcrossDevices")}
+        inner = _simple(spec.training.inner_loss, model, inner_params, world_size)
         weights = params.get("matryoshkaWeights")
         return losses.MatryoshkaLoss(model, inner, matryoshka_dims=list(params["matryoshkaDims"]),
                                      matryoshka_weights=list(weights) if weights else None)
@@ -75,7 +79,7 @@ def build_loss(spec: FineTuneSpec, model: SentenceTransformer) -> torch.nn.Modul
             )  # fmt: skip
         except (ValueError, OSError, AssertionError) as e:
             raise InvalidInput(f"spec.training.loss: DenoisingAutoEncoderLoss cannot build a decoder for this model: {e}") from None
-    return _simple(name, model, params)
+    return _simple(name, model, params, world_size)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from finetune_operator.contract import (
 )
 from finetune_operator.spec import FineTuneSpec
 
+from . import distributed as dist
 from .errors import InvalidInput, TransientError
 from .preemption import PreemptionWatch, watching
 from .summary import emit, write_summary
@@ -78,6 +79,8 @@ def run_train(spec: FineTuneSpec, workspace: Path, *, metadata: dict[str, Any] |
         except Exception as e:
             traceback.print_exc()
             return _finish(RESULT_FAILED, EXIT_FAILED, message=f"{type(e).__name__}: {e}")
+        finally:
+            dist.shutdown()
 
 
 def _stopped_before_training(watch: PreemptionWatch, checkpoint: str | None, resumed_from: str | None) -> int:
@@ -108,19 +111,23 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
 
     if spec.training.precision == "fp16" and spec.resources.gpus == 0:
         raise InvalidInput("spec.training.precision: fp16 needs a GPU")
+    dist.init(spec.distributed.resolved_backend(spec.resources.gpus))  # torchrun's group; no-op alone
     base = resolve_base_model(spec, workspace)
     data = load_training_data(spec, workspace)  # every data problem surfaces before the model loads
     workspace.mkdir(parents=True, exist_ok=True)
-    for name in clean_staging(workspace):  # first: it renames back a final/ that a killed re-publish parked
-        emit("cleaned", name=name)
+    if dist.is_main():  # rank 0 tidies the shared workspace; the others wait for it
+        for name in clean_staging(workspace):  # first: it renames back a final/ that a killed re-publish parked
+            emit("cleaned", name=name)
+    dist.barrier()
     done = _completed(workspace / FINAL_DIR)
     if done is not None:  # nothing to train; still leave no damaged checkpoint newer than a good one
         from .losses import LOSS_STATE_FILE
 
-        _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if spec.training.loss == "DenoisingAutoEncoderLoss" else ())
+        if dist.is_main():
+            _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if spec.training.loss == "DenoisingAutoEncoderLoss" else ())
         return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=done.get("steps"), checkpoint=FINAL_DIR,
                        message="already trained: final/ exists")
-    if watch.requested:  # SIGTERM during start-up: don't load the model only to drop it
+    if dist.agree_stop(watch.requested):  # SIGTERM during start-up: don't load the model only to drop it
         return _stopped_before_training(watch, None, None)
 
     from transformers import set_seed
@@ -133,18 +140,25 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     check_loss_against_model(spec, model)
     if spec.lora is not None:
         _add_lora(model, spec)
-    loss = build_loss(spec, model)
-    resume = _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if has_loss_state(loss) else ())
+    loss = build_loss(spec, model, world_size=dist.world_size())
+    needs = (LOSS_STATE_FILE,) if has_loss_state(loss) else ()
+    if dist.is_main():  # rank 0 removes the damaged ones; then every rank resolves the same checkpoint
+        _newest_usable_checkpoint(workspace, needs)
+    dist.barrier()
+    resume = _newest_usable_checkpoint(workspace, needs)
     resumed_from = resume.name if resume is not None else None
     if resume is not None:  # where this attempt picks up (the local runner says it on screen)
         state = _trainer_state(resume)
         emit("resume", checkpoint=resume.name, step=state.get("global_step"), totalSteps=state.get("max_steps"))
+    accumulation = _accumulation(resume)
     emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
-         evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device))
-    if watch.requested:  # during model load: `resume` is the newest valid checkpoint (newer invalid ones are gone)
+         evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device),
+         **({"globalBatch": spec.training.batch_size * dist.world_size() * accumulation,
+             "gradientAccumulationSteps": accumulation} if dist.distributed() or accumulation > 1 else {}))
+    if dist.agree_stop(watch.requested):  # during model load: `resume` is the newest valid checkpoint
         return _stopped_before_training(watch, resumed_from, resumed_from)
 
-    trainer = _trainer(spec, model, loss, data, workspace, watch)
+    trainer = _trainer(spec, model, loss, data, workspace, watch, accumulation)
     finished = _finished_state(resume)
     if finished is not None:  # killed after the last checkpoint, before final/ was published: publish only
         trainer._load_from_checkpoint(str(resume))  # (stock resume would train one step past the end)
@@ -152,7 +166,7 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     else:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         step, epoch, train_loss = trainer.state.global_step, float(trainer.state.epoch or 0), float(out.training_loss)
-        if watch.requested and step < trainer.state.max_steps:
+        if trainer.ft_stop.stopped_at_step is not None and step < trainer.state.max_steps:
             newest = list_checkpoints(workspace)
             cp = trainer.last_checkpoint or (newest[0].name if newest else None)
             return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, step=step, checkpoint=cp,
@@ -166,7 +180,9 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
             "evalRows": len(data.eval) if data.eval is not None else 0, "evalMetrics": metrics,
             "trainLoss": train_loss, "versions": _versions(),
             "logHistory": [e for e in history if isinstance(e, dict)]}  # the model card's loss curve
-    _publish_final(model, spec, workspace, info)
+    if dist.is_main():
+        _publish_final(model, spec, workspace, info)
+    dist.barrier()  # final/ is published before any rank reports completion
     return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=step, checkpoint=FINAL_DIR,
                    message=f"trained {step} steps; result in {FINAL_DIR}/", resumed_from=resumed_from)
 
@@ -221,7 +237,19 @@ def _linear_names(hf: Any) -> set[str]:
     return {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Path, watch: PreemptionWatch) -> Any:
+def _accumulation(resume: Path | None) -> int:
+    """Gradient accumulation for this attempt: 1, or what keeps the global batch of the checkpoint's
+    world size when this attempt has fewer processes (see distributed.py)."""
+    previous = dist.read_world(resume)
+    acc, kept = dist.accumulation_for(previous, dist.world_size())
+    if previous is not None and previous[0] != dist.world_size():
+        emit("worldSizeChanged", previous=previous[0], now=dist.world_size(), gradientAccumulationSteps=acc,
+             globalBatchKept=kept)
+    return acc
+
+
+def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Path, watch: PreemptionWatch,
+             accumulation: int = 1) -> Any:
     import torch
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
@@ -240,12 +268,17 @@ def _trainer(spec: FineTuneSpec, model: Any, loss: Any, data: Any, workspace: Pa
         # an eval split is scored at every checkpoint, so the model card can plot it over steps
         eval_strategy="steps" if data.eval is not None else "no", eval_steps=t.checkpoint.every_steps,
         dataloader_num_workers=0, remove_unused_columns=False,
+        gradient_accumulation_steps=accumulation, ddp_timeout=dist.timeout_s(),
+        ddp_backend=spec.distributed.resolved_backend(spec.resources.gpus) if dist.distributed() else None,
     )
-    return ResumableTrainer(
+    stop = StopOnPreemption(watch, t.checkpoint.on_preemption)
+    trainer = ResumableTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, loss=loss,
-        callbacks=[KillAtStep(), StopOnPreemption(watch, t.checkpoint.on_preemption), Progress(t.batch_size)],
+        callbacks=[KillAtStep(), stop, Progress(t.batch_size * dist.world_size() * accumulation)],
         workspace=workspace, keep=t.checkpoint.keep, lora=spec.lora is not None,
     )
+    trainer.ft_stop = stop
+    return trainer
 
 
 def _publish_final(model: Any, spec: FineTuneSpec, workspace: Path, info: dict[str, Any]) -> None:

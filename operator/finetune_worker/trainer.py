@@ -24,6 +24,7 @@ from torch.utils.data import RandomSampler
 
 from finetune_operator.contract import checkpoint_name
 
+from . import distributed as dist
 from .callbacks import fault
 from .checkpoints import checkpoints_dir, publish_dir, rotate, staging_for
 from .export.safeio import load_file, without_mmap_on_enodev
@@ -66,23 +67,32 @@ class ResumableTrainer(SentenceTransformerTrainer):
         return super()._save_optimizer_and_scheduler(output_dir)
 
     def _save_checkpoint(self, model, trial):  # type: ignore[no-untyped-def]
+        """Every rank writes its part (rank 0 the model, optimizer and state; each rank its
+        rng_state_<rank>.pth) into one staging directory; rank 0 alone publishes and rotates while the
+        others wait at a barrier, so every rank leaves with the same published checkpoint."""
         step = self.state.global_step
         name = checkpoint_name(step)
-        run_dir = staging_for(self.ft_workspace, step)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
+        run_dir = staging_for(self.ft_workspace, step, shared=dist.distributed())
+        if dist.is_main():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+        dist.barrier()
         self._ft_run_dir = run_dir
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._ft_run_dir = None
-        built = run_dir / name
-        save_loss_state(self._ft_loss(), built)
-        publish_dir(built, checkpoints_dir(self.ft_workspace) / name)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        rotate(self.ft_workspace, self.ft_keep)
+        dist.barrier()  # every rank's RNG state is in the staging directory
+        if dist.is_main():
+            built = run_dir / name
+            save_loss_state(self._ft_loss(), built)
+            dist.write_world(built, dist.world_size(), self.args.gradient_accumulation_steps)
+            publish_dir(built, checkpoints_dir(self.ft_workspace) / name)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            rotate(self.ft_workspace, self.ft_keep)
+            emit("checkpoint", name=name, step=step)
+        dist.barrier()  # published: no rank goes on (or exits) before the checkpoint is complete
         self.last_checkpoint = name
-        emit("checkpoint", name=name, step=step)
 
     def _load_from_checkpoint(self, checkpoint_path, model=None):  # type: ignore[no-untyped-def]
         path = Path(checkpoint_path)

@@ -52,6 +52,7 @@ CORE = [
     Res("", "v1", "namespaces", "Namespace", namespaced=False, extra_subresources=("finalize",)),
     Res("", "v1", "pods", "Pod", extra_subresources=("log", "eviction", "binding")),
     Res("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
+    Res("", "v1", "services", "Service", status_subresource=False),
     Res("", "v1", "events", "Event", status_subresource=False),
     Res("", "v1", "configmaps", "ConfigMap", status_subresource=False),
     Res("", "v1", "secrets", "Secret", status_subresource=False),

@@ -88,7 +88,8 @@ def test_schema_defaults_equal_the_parser_defaults(name: str) -> None:
 
 
 _SPECIAL = {("export", "tolerance"): ("export", "verify", "tolerance")}
-_CONDITIONAL = {("model", "base")}  # defaults to the builtin model only when fromJob is unset
+_CONDITIONAL = {("model", "base"),  # defaults to the builtin model only when fromJob is unset
+                ("storage", "accessModes")}  # ReadWriteOnce for one node, ReadWriteMany for several
 
 
 def _camel(name: str) -> str:
@@ -205,6 +206,29 @@ BAD = [
     ("unknown Matryoshka inner loss", {"training__loss": "MatryoshkaLoss",
                                        "training__lossParams": {"matryoshkaDims": [64], "innerLoss": "TripletLoss"}},
      "spec.training.lossParams.innerLoss"),
+    # spec.distributed and storage.accessModes
+    ("zero nodes", {"distributed": {"nodes": 0}}, "spec.distributed.nodes"),
+    ("procsPerNode neither auto nor a number", {"distributed": {"procsPerNode": "many"}}, "spec.distributed.procsPerNode"),
+    ("procsPerNode 0", {"distributed": {"procsPerNode": 0}}, "spec.distributed.procsPerNode"),
+    ("unknown backend", {"distributed": {"backend": "mpi"}}, "spec.distributed.backend"),
+    ("unknown access mode", {"storage__accessModes": ["RWX"]}, "spec.storage.accessModes[0]"),
+    ("read-only workspace", {"storage__accessModes": ["ReadOnlyMany"]}, "spec.storage.accessModes"),
+    ("two nodes on a ReadWriteOnce workspace", {"distributed": {"nodes": 2}, "storage__accessModes": ["ReadWriteOnce"]},
+     "spec.storage.accessModes"),
+    ("nccl on CPU", {"distributed": {"backend": "nccl"}, "resources__gpus": 0}, "spec.distributed.backend"),
+    ("more processes than GPUs", {"distributed": {"procsPerNode": 4}, "resources__gpus": 2}, "spec.distributed.procsPerNode"),
+    ("TSDAE on two processes", {"training__loss": "DenoisingAutoEncoderLoss", "dataset__inline": [{"text": "t"}],
+                                "lora": _DELETE, "export__formats": ["sentence-transformers"],
+                                "distributed": {"procsPerNode": 2}, "resources__gpus": 0}, "spec.training.loss"),
+    ("cached MNRL on two nodes", {"training__loss": "CachedMultipleNegativesRankingLoss", "distributed": {"nodes": 2}},
+     "spec.training.loss"),
+    ("cached MNRL inside Matryoshka on two GPUs", {"training__loss": "MatryoshkaLoss", "resources__gpus": 2,
+                                                  "training__lossParams": {"matryoshkaDims": [64],
+                                                                           "innerLoss": "CachedMultipleNegativesRankingLoss"}},
+     "spec.training.loss"),
+    ("gather for a loss without in-batch negatives", {"training__loss": "CoSENTLoss",
+                                                      "training__lossParams": {"gatherAcrossDevices": True}},
+     "spec.training.lossParams.gatherAcrossDevices"),
 ]  # fmt: skip
 
 
@@ -231,6 +255,8 @@ UPDATES = [
     ("change the LoRA rank", {"lora__r": 16}, True),
     ("remove lora", {"lora": _DELETE, "export__formats": ["sentence-transformers"]}, True),
     ("change the claim", {"storage__claimName": "other"}, True),
+    ("scale out", {"distributed": {"nodes": 2}}, True),
+    ("change the access modes", {"storage__accessModes": ["ReadWriteMany"]}, True),
     ("suspend", {"suspend": True}, False),
     ("raise backoffLimit", {"backoffLimit": 10}, False),
     ("set a TTL", {"ttlSecondsAfterFinished": 60}, False),

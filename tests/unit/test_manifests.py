@@ -129,6 +129,7 @@ def test_rbac_is_least_privilege() -> None:
         ("", "pods"): {"create", "get", "list", "watch", "delete"},
         ("", "pods/log"): {"get"},
         ("", "persistentvolumeclaims"): {"create", "get", "list", "watch", "delete"},
+        ("", "services"): {"create", "get"},  # the rendezvous Service of a multi-node gang
         ("", "events"): {"create"},
         # spec.credentials: a named Secret's keys, checked before a launch; never list or watch
         ("", "secrets"): {"get"},
