@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from controlplane import ApiError, ControlPlane
+from controlplane import ApiError, ControlPlane, free_port
 from operator_proc import OperatorProcess
 from realenv import Env
 
@@ -230,6 +230,26 @@ def test_pod_log_of_an_unreachable_kubelet_is_a_server_error(env: Env, operator:
     env.kubelet.logs_available = True
     env.patch_job("peek", {"spec": {"suspend": True}})
     env.wait_phase("peek", "Suspended", 60)
+
+
+def test_pod_log_on_a_node_without_a_kubelet_is_a_server_error(env: Env) -> None:
+    """A Running pod on a node whose kubelet port answers nothing (a NotReady node): `pods/log`
+    is a 5xx from the API server, whatever the client asked for."""
+    node = f"ghost-{env.ns}"
+    env.api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})
+    port = free_port()  # nothing listens there
+    env.api.patch("v1", "nodes", None, node, {"status": {
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}}, subresource="status")  # fmt: skip
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ghost"},
+           "spec": {"nodeName": node, "containers": [{"name": "worker", "image": "busybox"}]}}  # fmt: skip
+    env.api.create(pod, env.ns)
+    env.api.patch("v1", "pods", env.ns, "ghost", {"status": {"phase": "Running"}}, subresource="status")
+    with pytest.raises(ApiError) as err:
+        env.api.request("GET", f"/api/v1/namespaces/{env.ns}/pods/ghost/log", params={"tailLines": "5"})
+    assert err.value.status >= 500 and "connection refused" in err.value.message, err.value
+    env.api.delete("v1", "pods", env.ns, "ghost", grace_seconds=0)
+    env.api.delete("v1", "nodes", None, node)
 
 
 @pytest.mark.xfail(strict=False, reason="issue 12a: a pods/log 5xx makes the whole reconcile raise, so suspend "
