@@ -126,8 +126,8 @@ class RealApiKubelet:
         self.executor.close()
         self._httpd.shutdown()
         self._httpd.server_close()
-        for t in self._threads:
-            t.join(timeout=15)
+        for t in self._threads:  # daemons; the watch may sit in a read until the server ends it
+            t.join(timeout=2 if t.name == "kubelet-watch" else 15)
 
     def _spawn(self, fn: Any, name: str, *args: Any) -> None:
         t = threading.Thread(target=fn, args=args, name=name, daemon=True)

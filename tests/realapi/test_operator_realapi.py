@@ -220,12 +220,13 @@ def test_pod_log_of_an_unreachable_kubelet_is_a_server_error(env: Env, operator:
     env.configure("peek-workspace", steps=400, stepSeconds=0.1)
     env.create_job("peek", spec(training={"maxSteps": 400}))
     env.wait_phase("peek", "Training", 60)
-    text = env.api.request("GET", f"/api/v1/namespaces/{env.ns}/pods/peek-train-1/log", params={"tailLines": "5"},
-                           raw=True)  # fmt: skip
-    assert '"event"' in text  # the worker's JSON lines, served by the test kubelet through the server
+    path = f"/api/v1/namespaces/{env.ns}/pods/peek-train-1/log"
+    # the worker's JSON lines, served by the test kubelet through the server
+    env.wait_for(lambda: '"event"' in env.api.request("GET", path, params={"tailLines": "5"}, raw=True), 30,
+                 "the worker's first lines through pods/log")  # fmt: skip
     env.kubelet.logs_available = False
     with pytest.raises(ApiError) as err:
-        env.api.request("GET", f"/api/v1/namespaces/{env.ns}/pods/peek-train-1/log", params={"tailLines": "5"})
+        env.api.request("GET", path, params={"tailLines": "5"})
     assert err.value.status >= 500, err.value
     env.kubelet.logs_available = True
     env.patch_job("peek", {"spec": {"suspend": True}})
