@@ -95,7 +95,10 @@ def test_suspend_and_resume(env: Env, operator: Callable[..., OperatorProcess]) 
     env.wait_phase("sus", "Training", 60)
     env.wait_for(lambda: env.status("sus").get("checkpoint"), 60, "a checkpoint")
     env.patch_job("sus", {"spec": {"suspend": True}})
-    st = env.wait_for(lambda: (s := env.status("sus")).get("phase") == "Suspended" and s, 60, "suspended")
+    # Suspended comes first (the pod is terminating: SIGTERM, checkpoint, exit 75); the attempt's result
+    # once the pod has ended
+    st = env.wait_for(lambda: (s := env.status("sus")).get("phase") == "Suspended"
+                      and (s.get("attempts") or [{}])[0].get("result") and s, 60, "suspended, attempt ended")  # fmt: skip
     assert cond(st, "Suspended") == "True"
     assert st["attempts"][0]["result"] == "preempted" and st["attempts"][0]["exitCode"] == 75
     env.wait_for(lambda: env.pod("sus-train-1") is None, 30, "the suspended pod removed")
