@@ -13,7 +13,7 @@ Everything lives in a temporary directory and listens on free 127.0.0.1 ports:
   so the ClusterRoleBindings of manifests/rbac apply to it as they do in a cluster (RBAC is on);
 - an audit log (level Metadata, one line per request with its user and user agent), which the
   benchmark reads to count the operator's requests apart from everyone else's;
-- one kubeconfig per user, the CRD from crds/ applied and established.
+- one kubeconfig per user; crds/ and manifests/rbac applied with kubectl's kustomize, as shipped.
 
 `ApiClient` is a small synchronous client (urllib) for the tests, the test kubelet and the
 benchmark: get/list/create/patch/delete/watch plus raw paths. Nothing here imports the operator.
@@ -43,7 +43,6 @@ from typing import Any, TypeVar
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-CRD_PATH = REPO / "crds" / "finetune.dev_finetunejobs.yaml"
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 OPERATOR_USER = "system:serviceaccount:finetune-system:finetune-operator"
 T = TypeVar("T")
@@ -349,10 +348,11 @@ class ControlPlane:
                 "--controllers=garbagecollector,namespace,pvc-protection", "--secure-port=0",
                 "--concurrent-gc-syncs=5",
             ])  # fmt: skip
-        self.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-        for role in ("kopf_role.yaml", "operator_role.yaml"):
-            self.kubectl("apply", "--server-side", "-f", str(REPO / "manifests" / "rbac" / role))
-        self.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+        # every CRD and the RBAC exactly as the kustomizations ship them (the operator's namespace first)
+        self.kubectl("apply", "--server-side", "-k", str(REPO / "crds"))
+        admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_USER.split(":")[2]}})
+        self.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "rbac"))
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
     def _wait_http(self, url: str, proc: Proc, timeout: float) -> None:
         def up() -> bool:

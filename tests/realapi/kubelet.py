@@ -99,7 +99,8 @@ class RealApiKubelet:
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._pods: dict[str, dict[str, Any]] = {}  # uid -> last seen pod
-        self._local: dict[str, str] = {}  # uid -> local name, once started
+        self._local: dict[str, str] = {}  # uid -> local name, once started, until the pod is gone
+        self._ran: dict[str, str] = {}  # uid -> local name, kept (tests read a deleted pod's log)
         self._by_key: dict[tuple[str, str], str] = {}  # (ns, name) -> uid of the newest started
         self._terminating: set[str] = set()
         self._unschedulable: set[str] = set()
@@ -266,6 +267,7 @@ class RealApiKubelet:
             for v in pod["spec"].get("volumes") or []
         ]  # fmt: skip
         self._local[uid] = local
+        self._ran[uid] = local
         self._by_key[(ns, meta["name"])] = uid
         try:
             self.executor.start(manifest)
@@ -327,13 +329,19 @@ class RealApiKubelet:
 
     def _local_of(self, namespace: str, name: str) -> str:
         uid = self._by_key.get((namespace, name))
-        local = self._local.get(uid or "")
+        local = self._ran.get(uid or "")
         if local is None:
             raise KeyError(f"{namespace}/{name} was not started here")
         return local
 
     def logs(self, namespace: str, name: str, tail_lines: int | None = None) -> str:
-        return self.executor.logs(self._local_of(namespace, name), tail_lines)
+        """The pod's log (also after the pod was deleted: its directory stays until the session ends)."""
+        local = self._local_of(namespace, name)
+        try:
+            return self.executor.logs(local, tail_lines)
+        except KeyError:
+            text = (self.executor.pod_dir(local) / "log").read_text(errors="replace")
+            return text if tail_lines is None else "".join(text.splitlines(keepends=True)[-tail_lines:])
 
     def kill(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> None:
         """Deliver a signal to the pod's process (SIGKILL: the whole container), as a node would."""
