@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -277,6 +278,7 @@ def main() -> int:
             op.kill()
         kubelet.close()
         cp.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
