@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -215,7 +216,8 @@ def main() -> int:
         print("\n(a) API requests per job per minute, from the audit log (operator's user only)")
         print(f"    background (operator, no jobs):      {bg_rate:8.1f} requests/min  {dict(bg_ns)}")
         for k, v in per_job.items():
-            goal = "goal 0" if k != "training" else "goal <= 60/FINETUNE_RESYNC_SECONDS = 12 (default resync 5 s)"
+            resync = float(os.environ.get("FINETUNE_RESYNC_SECONDS") or 5)
+            goal = "goal 0" if k != "training" else f"goal <= 60/FINETUNE_RESYNC_SECONDS = {60 / resync:.0f}"
             print(f"    {k:9s} ({getattr(args, k):3d} jobs):              {v:8.2f} requests/job/min   ({goal})")
         other = sum(by_ns.values()) - sum(by_ns.get(namespaces[k], 0) for k in per_job)
         print(f"    operator requests naming no job namespace: {other / minutes:.1f}/min; "
