@@ -352,6 +352,8 @@ class ControlPlane:
         self.kubectl("apply", "--server-side", "-k", str(REPO / "crds"))
         admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_USER.split(":")[2]}})
         self.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "rbac"))
+        if (REPO / "manifests" / "peering" / "kustomization.yaml").is_file():  # HA: kopf's peering CRD
+            self.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "peering"))
         self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
     def _wait_http(self, url: str, proc: Proc, timeout: float) -> None:

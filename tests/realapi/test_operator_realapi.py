@@ -4,7 +4,8 @@ manifests/rbac, the test kubelet (kubelet.py) binding and running pods with test
 real garbage collector.
 
 The last tests are the findings of issue 12 (deletion with the operator down, a pod-log outage
-while suspend is asked, progress after a resume).
+while suspend is asked, progress after a resume): the timer-based operator failed them; the
+watch-driven one passes them.
 """
 
 from __future__ import annotations
@@ -196,8 +197,6 @@ def test_100_jobs_at_once_each_get_one_training_pod(
 # -- the findings of issue 12 ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12a: kopf's finalizer on every FineTuneJob blocks deletion "
-                                        "while the operator is down (removed by the control-plane rewrite)")  # fmt: skip
 def test_deleting_a_job_with_the_operator_stopped_completes_at_once(
     env: Env, control_plane: ControlPlane, operator: Callable[..., OperatorProcess]
 ) -> None:
@@ -256,8 +255,6 @@ def test_pod_log_on_a_node_without_a_kubelet_is_a_server_error(env: Env) -> None
     env.api.delete("v1", "nodes", None, node)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12a: a pods/log 5xx makes the whole reconcile raise, so suspend "
-                                        "waits for the pod to end (fixed by the watch-driven rewrite)")  # fmt: skip
 def test_suspend_is_acted_on_during_a_pod_log_outage(env: Env, operator: Callable[..., OperatorProcess]) -> None:
     operator()
     env.configure("outage-workspace", steps=600, stepSeconds=0.1)
@@ -275,8 +272,6 @@ def test_suspend_is_acted_on_during_a_pod_log_outage(env: Env, operator: Callabl
         env.kubelet.logs_available = True
 
 
-@pytest.mark.xfail(strict=False, reason="issue 12a: after a resume, status.progress keeps the previous attempt's "
-                                        "step until the new pod's log is read")  # fmt: skip
 def test_progress_after_a_resume_starts_at_the_resume_point(
     env: Env, operator: Callable[..., OperatorProcess]
 ) -> None:
