@@ -33,6 +33,14 @@ test: dev ## Run every test tier (the e2e tier skips without Docker and kind)
 test-quick: dev ## Unit tests only (seconds)
 	bash scripts/pytest.sh tests/unit
 
+test-realapi: dev ## Tier 3b against a real kube-apiserver + etcd: KUBEBUILDER_ASSETS=/dir/with/binaries make test-realapi
+	@test -n "$$KUBEBUILDER_ASSETS" || { echo "KUBEBUILDER_ASSETS is not set: point it at a directory with kube-apiserver and etcd (and optionally kube-controller-manager, kubectl); see README, Development and tests" >&2; exit 2; }
+	bash scripts/pytest.sh tests/realapi -m realapi $(PYTEST_ARGS)
+
+bench-apiserver: dev ## The operator's cost to a real API server (needs KUBEBUILDER_ASSETS, ~5 min)
+	@test -n "$$KUBEBUILDER_ASSETS" || { echo "KUBEBUILDER_ASSETS is not set (see make test-realapi)" >&2; exit 2; }
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_apiserver.py
+
 chaos: dev ## Chaos suite alone: CHAOS_TRIALS=N CHAOS_SEED=S make chaos (ledger in chaos.json)
 	CHAOS_REPORT=$${CHAOS_REPORT:-chaos.json} bash scripts/pytest.sh tests/chaos -m chaos $(PYTEST_ARGS)
 
@@ -61,4 +69,4 @@ undeploy: ## Remove the operator (FineTuneJobs and their PVCs with reclaimPolicy
 e2e-kind: ## The kind e2e (needs Docker and kind; says why and skips where missing)
 	bash tests/e2e/run-kind.sh
 
-.PHONY: help dev demo test test-quick lint bench images install.yaml deploy undeploy e2e-kind
+.PHONY: help dev demo test test-quick test-realapi bench-apiserver lint bench images install.yaml deploy undeploy e2e-kind

@@ -1,0 +1,287 @@
+"""The operator's cost to a real API server (tier 3b's kube-apiserver + etcd from KUBEBUILDER_ASSETS).
+
+`finetune-operator run` runs as its own process with the production defaults (no test speed-ups),
+logged in as its service account (RBAC of manifests/rbac). Requests are counted from the API
+server's audit log (one line per request, with the user), so the operator's own requests are
+told apart from the test kubelet's and the benchmark's; per-job figures use the namespace each
+request names, and the operator's requests with no jobs at all are measured first (the background).
+
+  (a) API requests per job per minute: 100 idle jobs (pods Pending forever), 100 Succeeded jobs,
+      and Training jobs (pods running the fake worker, progress read every FINETUNE_RESYNC_SECONDS);
+      the goal is 0 for idle and Succeeded, <= 60 / FINETUNE_RESYNC_SECONDS for Training. Also the
+      server's own apiserver_request_total delta over the same window, all clients.
+  (b) 500 jobs applied at once: per-job latency from the create call's return to the training pod's
+      ADDED event on a watch, p50 and p99; operator CPU-seconds per job and the ratio to the API
+      server's (+ etcd's) CPU-seconds over the same interval.
+  (c) operator RSS per job (growth from the empty operator to all jobs present, over the jobs).
+      (b) and (c)'s second figure use a fresh operator that serves only the 500 jobs' namespace.
+  (d) operator log lines per job per hour at steady state (the idle window of (a)).
+
+    KUBEBUILDER_ASSETS=/path/to/bin python bench/bench_apiserver.py [--idle 100] [--done 100]
+        [--training 10] [--scale 500] [--window 60]
+
+Without the assets it says why and exits 0 (nothing to measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests" / "realapi"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from controlplane import OPERATOR_USER, ApiClient, ControlPlane, assets_dir, wait_for  # noqa: E402
+from kubelet import RealApiKubelet  # noqa: E402
+from operator_proc import OperatorProcess, audit_events, audit_offset  # noqa: E402
+
+from finetune_operator import contract  # noqa: E402
+
+SMALL = {"dataset": {"inline": [{"question": "q", "answer": "a"}]}, "resources": {"gpus": 1}}
+GHOST_NODE = "bench-node"  # pods the benchmark plays the kubelet for are bound here (no kubelet)
+FAKE_WORKER = REPO / "tests" / "operator" / "fake_worker.py"
+
+
+def job(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": contract.API_VERSION, "kind": contract.KIND, "metadata": {"name": name}, "spec": spec}
+
+
+def create_jobs(api: ApiClient, ns: str, names: list[str], spec: dict[str, Any]) -> dict[str, float]:
+    """Create the jobs from 16 threads ("applied at once"); name -> monotonic time the create returned."""
+    done: dict[str, float] = {}
+
+    def one(name: str) -> None:
+        api.create(job(name, spec), ns, plural=contract.PLURAL)
+        done[name] = time.monotonic()
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, names))
+    return done
+
+
+def count_requests(cp: ControlPlane, start: int, end: int) -> tuple[collections.Counter[str], collections.Counter[str]]:
+    """Audit events in [start, end) bytes: (operator requests by namespace, all requests by user)."""
+    by_ns: collections.Counter[str] = collections.Counter()
+    by_user: collections.Counter[str] = collections.Counter()
+    for offset, ev in audit_events(cp.audit_log, start):
+        if offset > end:
+            break
+        user = ev.get("user", {}).get("username", "?")
+        by_user[f"{user} [{str(ev.get('userAgent', '?')).split('/')[0]}]"] += 1
+        if user == OPERATOR_USER:
+            by_ns[(ev.get("objectRef") or {}).get("namespace") or "(cluster)"] += 1
+    return by_ns, by_user
+
+
+def request_total(api: ApiClient) -> float:
+    text = api.request("GET", "/metrics", raw=True)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("apiserver_request_total{"))
+
+
+def finish_like_a_kubelet(api: ApiClient, ns: str, names: list[str]) -> None:
+    """Bind each job's pending pod to the kubelet-less node and report it completed (train, then export)."""
+    summaries = {"train": {"result": "completed", "step": 10, "checkpoint": "checkpoint-10", "message": "done"},
+                 "export": {"result": "completed", "export": "/workspace/export", "formats": ["sentence-transformers"],
+                            "maxDeviation": 0.0, "metrics": {}, "message": "exported"}}  # fmt: skip
+    finished: set[str] = set()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        pods = api.list("v1", "pods", ns)
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            if name in finished:
+                continue
+            if not pod["spec"].get("nodeName"):
+                api.request("POST", f"/api/v1/namespaces/{ns}/pods/{name}/binding", {
+                    "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": GHOST_NODE}})  # fmt: skip
+            role = pod["metadata"]["labels"].get("finetune.dev/role", "train")
+            c = pod["spec"]["containers"][0]
+            api.patch("v1", "pods", ns, name, {"status": {"phase": "Succeeded", "containerStatuses": [{
+                "name": c["name"], "image": c["image"], "imageID": "", "ready": False, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(summaries[role]),
+                                         "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:01Z"}}}]}},
+                      subresource="status")  # fmt: skip
+            finished.add(name)
+        jobs = api.list(contract.API_VERSION, contract.PLURAL, ns)
+        if len(jobs) == len(names) and all((j.get("status") or {}).get("phase") == "Succeeded" for j in jobs):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the jobs of {ns} did not all succeed")
+
+
+def watch_pod_adds(api: ApiClient, ns: str, stop: threading.Event, seen: dict[str, float]) -> None:
+    rv = api.request("GET", f"/api/v1/namespaces/{ns}/pods")["metadata"]["resourceVersion"]
+    while not stop.is_set():
+        try:
+            for ev in api.watch(f"/api/v1/namespaces/{ns}/pods", rv, stop):
+                rv = ev["object"]["metadata"].get("resourceVersion", rv)
+                if ev["type"] == "ADDED":
+                    seen.setdefault(ev["object"]["metadata"]["name"], time.monotonic())
+        except Exception:
+            if stop.wait(0.2):
+                return
+
+
+def apf_rejected(api: ApiClient) -> float:
+    text = api.request("GET", "/metrics", raw=True)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("apiserver_flowcontrol_rejected_requests_total{"))  # fmt: skip
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--idle", type=int, default=100)
+    p.add_argument("--done", type=int, default=100)
+    p.add_argument("--training", type=int, default=10)
+    p.add_argument("--scale", type=int, default=500)
+    p.add_argument("--window", type=float, default=60.0, help="seconds of each counting window")
+    args = p.parse_args()
+    assets, reason = assets_dir()
+    if assets is None:
+        print(f"bench_apiserver: skipped: {reason}")
+        return 0
+    root = Path(tempfile.mkdtemp(prefix="bench-apiserver-"))
+    cp = ControlPlane(assets, root / "cp").start()
+    kubelet_root = root / "kubelet"
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "finetune-worker").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_WORKER}" "$@"\n')
+    (bin_dir / "finetune-worker").chmod(0o755)
+    namespaces = {"idle": "bench-idle", "done": "bench-done", "training": "bench-training", "scale": "bench-scale"}
+    kubelet = RealApiKubelet(cp.client(user_agent="realapi-kubelet"), kubelet_root, cp.root / "pki", bin_dir)
+    kubelet.unscheduled_namespaces.update({namespaces["idle"], namespaces["scale"], namespaces["done"]})
+    api = cp.client(user_agent="bench")
+    op: OperatorProcess | None = None
+    try:
+        kubelet.start()
+        api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": GHOST_NODE}})
+        for ns in namespaces.values():
+            cp.create_namespace(ns)
+        print(f"kube-apiserver {cp.version} (etcd + kube-apiserver{' + kube-controller-manager' if cp.has_gc else ''}"
+              f" on loopback); operator: finetune-operator run, production defaults")  # fmt: skip
+        op = OperatorProcess(cp, list(namespaces.values()), env={}, log=root / "operator.log")
+        op.start(120)
+        time.sleep(5)
+        rss0 = op.rss()
+        # background: the operator with no jobs at all
+        a0, m0, t0 = audit_offset(cp.audit_log), request_total(api), time.monotonic()
+        time.sleep(args.window / 2)
+        a1, m1, t1 = audit_offset(cp.audit_log), request_total(api), time.monotonic()
+        bg_ns, _bg_users = count_requests(cp, a0, a1)
+        bg_rate = sum(bg_ns.values()) / ((t1 - t0) / 60)
+        # (a) the population: idle, Succeeded, Training
+        ws = kubelet.executor.pvc_dir
+        for i in range(args.training):
+            d = ws(f"{namespaces['training']}.train-{i:03d}-workspace")
+            (d / "fake-worker.json").write_text(json.dumps({"steps": 10**6, "stepSeconds": 1.0}))
+        create_jobs(api, namespaces["idle"], [f"idle-{i:03d}" for i in range(args.idle)], SMALL)
+        create_jobs(api, namespaces["training"], [f"train-{i:03d}" for i in range(args.training)],
+                    {**SMALL, "resources": {"gpus": 0, "cpu": "1", "memory": "1Gi"}})  # fmt: skip
+        done_names = [f"done-{i:03d}" for i in range(args.done)]
+        create_jobs(api, namespaces["done"], done_names, SMALL)
+        finish_like_a_kubelet(api, namespaces["done"], done_names)
+        wait_for(lambda: all((j.get("status") or {}).get("phase") == "Training" and (j["status"].get("progress") or {}).get("step")
+                             for j in api.list(contract.API_VERSION, contract.PLURAL, namespaces["training"])), 180, 1,
+                 what="the training jobs to report progress")  # fmt: skip
+        wait_for(lambda: len(api.list("v1", "pods", namespaces["idle"])) >= args.idle, 120, 1, what="idle pods")
+        time.sleep(10)  # settle: the last status writes and Events
+        lines0 = op.log_lines()
+        a2, m2, t2 = audit_offset(cp.audit_log), request_total(api), time.monotonic()
+        time.sleep(args.window)
+        a3, m3, t3 = audit_offset(cp.audit_log), request_total(api), time.monotonic()
+        lines1 = op.log_lines()
+        by_ns, by_user = count_requests(cp, a2, a3)
+        minutes = (t3 - t2) / 60
+        per_job = {k: by_ns.get(namespaces[k], 0) / n / minutes
+                   for k, n in (("idle", args.idle), ("done", args.done), ("training", args.training)) if n}  # fmt: skip
+        jobs_now = args.idle + args.done + args.training
+        print("\n(a) API requests per job per minute, from the audit log (operator's user only)")
+        print(f"    background (operator, no jobs):      {bg_rate:8.1f} requests/min  {dict(bg_ns)}")
+        for k, v in per_job.items():
+            resync = float(os.environ.get("FINETUNE_RESYNC_SECONDS") or 5)
+            goal = "goal 0" if k != "training" else f"goal <= 60/FINETUNE_RESYNC_SECONDS = {60 / resync:.0f}"
+            print(f"    {k:9s} ({getattr(args, k):3d} jobs):              {v:8.2f} requests/job/min   ({goal})")
+        other = sum(by_ns.values()) - sum(by_ns.get(namespaces[k], 0) for k in per_job)
+        print(f"    operator requests naming no job namespace: {other / minutes:.1f}/min; "
+              f"all clients by user [agent]: { {u: round(c / minutes, 1) for u, c in by_user.items()} } per min")
+        print(f"    apiserver_request_total delta: {(m3 - m2) / minutes:.1f}/min with {jobs_now} jobs vs "
+              f"{(m1 - m0) / ((t1 - t0) / 60):.1f}/min with none (all clients, includes this benchmark's scrapes)")
+        print(f"\n(d) operator log lines per job per hour at steady state: "
+              f"{(lines1 - lines0) / jobs_now / ((t3 - t2) / 3600):.1f}  ({lines1 - lines0} lines in {t3 - t2:.0f} s, "
+              f"{jobs_now} jobs)")
+        rss1 = op.rss()
+        cpu_a = op.cpu_seconds()
+        op.kill()
+        # (b) 500 jobs applied at once, to a fresh operator serving only their namespace (the
+        # population of (a) would otherwise keep it busy: that is (a)'s figure, not this one's)
+        op = OperatorProcess(cp, [namespaces["scale"]], env={}, log=root / "operator-scale.log")
+        op.start(120)
+        time.sleep(5)
+        rss_b0 = op.rss()
+        rejected0 = apf_rejected(api)
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_pod_adds, args=(api, namespaces["scale"], stop, seen), daemon=True)
+        watcher.start()
+        time.sleep(1)
+        cpu_op0, cpu_as0, cpu_etcd0 = op.cpu_seconds(), cp.apiserver_cpu_seconds(), cp.etcd_cpu_seconds()
+        t_b0 = time.monotonic()
+        names = [f"s-{i:04d}" for i in range(args.scale)]
+        created = create_jobs(api, namespaces["scale"], names, SMALL)
+        t_created = time.monotonic()
+        wait_for(lambda: len(seen) >= args.scale, 600, 0.5, what=f"{args.scale} training pods")
+
+        def settled() -> bool:
+            jobs = api.list(contract.API_VERSION, contract.PLURAL, namespaces["scale"])
+            return all((j.get("status") or {}).get("attempts") for j in jobs)
+
+        wait_for(settled, 600, 1, what="every job's status with its first attempt")
+        t_b1 = time.monotonic()
+        time.sleep(5)  # trailing Events
+        cpu_op = op.cpu_seconds() - cpu_op0
+        cpu_as = cp.apiserver_cpu_seconds() - cpu_as0
+        cpu_etcd = cp.etcd_cpu_seconds() - cpu_etcd0
+        stop.set()
+        lat = [seen[f"{n}-train-1"] - created[n] for n in names if f"{n}-train-1" in seen]
+        print(f"\n(b) {args.scale} jobs applied at once (16 concurrent creates, {t_created - t_b0:.1f} s to create):")
+        print(f"    job created -> training pod created: p50 {statistics.median(lat):.3f} s, "
+              f"p99 {pct(lat, 0.99):.3f} s, max {max(lat):.3f} s  (today's goal: p99 <= 1 s)")
+        print(f"    all pods + statuses written in {t_b1 - t_b0:.1f} s; requests rejected by API Priority and "
+              f"Fairness meanwhile: {apf_rejected(api) - rejected0:.0f}")
+        print(f"    operator CPU {cpu_op:.1f} s = {cpu_op / args.scale * 1000:.1f} ms/job; kube-apiserver CPU "
+              f"{cpu_as:.1f} s, etcd {cpu_etcd:.1f} s; operator/apiserver = {cpu_op / max(cpu_as, 1e-9):.2f}, "
+              f"operator/(apiserver+etcd) = {cpu_op / max(cpu_as + cpu_etcd, 1e-9):.2f}")
+        rss2 = op.rss()
+        print(f"\n(c) operator RSS: {rss0 / 2**20:.0f} MiB empty -> {rss1 / 2**20:.0f} MiB with the {jobs_now} jobs of (a): "
+              f"{(rss1 - rss0) / jobs_now / 1024:.0f} KiB per job; {rss_b0 / 2**20:.0f} MiB empty -> {rss2 / 2**20:.0f} MiB "
+              f"with the {args.scale} of (b): {(rss2 - rss_b0) / args.scale / 1024:.0f} KiB per job")
+        print(f"    (operator CPU over (a), {jobs_now} jobs for {(t3 - t0) / 60:.1f} min: {cpu_a:.1f} s)")
+        return 0
+    finally:
+        if op is not None:
+            op.kill()
+        kubelet.close()
+        cp.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
