@@ -120,8 +120,12 @@ def test_a_pod_log_outage_marks_progress_stale_and_suspend_still_stops_the_pod(
 def test_a_resumed_attempt_reports_progress_from_its_checkpoint(cluster: Cluster, operator: OperatorRunner) -> None:
     configure(cluster, "res-workspace", steps=200, stepSeconds=0.05)
     cluster.create(finetune_job("res", spec(training={"maxSteps": 200, "checkpoint": {"everySteps": 20}})))
-    cluster.wait_for(lambda: (status(cluster, "res").get("progress") or {}).get("step", 0) >= 30, 30,
-                     what="progress past the first checkpoint")  # fmt: skip
+    def past_checkpoint() -> bool:  # the kill must land between checkpoints, or resumed == last step
+        st = status(cluster, "res")
+        step = (st.get("progress") or {}).get("step", 0)
+        return step >= 30 and step > ((st.get("checkpoint") or {}).get("step") or 0)
+
+    cluster.wait_for(past_checkpoint, 30, what="progress past the latest checkpoint")
     cluster.kubelet.kill("res-train-1", signal.SIGKILL)
     cluster.wait_for(lambda: len(status(cluster, "res").get("attempts") or []) >= 2, 30, what="second attempt")
     history = cluster.history(contract.API_VERSION, contract.PLURAL, "default", "res")
