@@ -87,3 +87,40 @@ def test_local_continues_a_job_from_another_jobs_export(tiny_model: Path, tmp_pa
     moved_by_prev = [k for k in kept if not torch.equal(source[k], base[k])]
     assert "embeddings.word_embeddings.weight" in moved_by_prev  # prev's training, carried over verbatim
     assert len(kept) < len(source)  # and next's adapter changed the rest
+
+
+def test_local_runs_a_two_node_gang_of_two_processes_each(tiny_model: Path, tmp_path: Path) -> None:
+    """`finetune-operator local` with spec.distributed {nodes: 2, procsPerNode: 2}: two local pods
+    (a gang, rendezvous on 127.0.0.1) of two gloo ranks each train one job to Succeeded; every
+    checkpoint holds the RNG state of all four ranks, and status records the world size and the gang."""
+    import json
+
+    job = {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "gang-demo"},
+        "spec": {
+            "model": {"base": str(tiny_model)},
+            "dataset": {"inline": pairs(64, seed=5), "columns": {"anchor": "question", "positive": "answer"}},
+            "training": {"maxSteps": 4, "batchSize": 4, "learningRate": 1e-3, "warmupRatio": 0.0,
+                         "checkpoint": {"everySteps": 2, "keep": 2}},
+            "export": {"formats": ["sentence-transformers"], "verify": {"tolerance": 1e-4}},
+            "distributed": {"nodes": 2, "procsPerNode": 2, "backend": "gloo"},
+            "storage": {"accessModes": ["ReadWriteMany"]},
+            "resources": {"gpus": 0, "cpu": "1", "memory": "8Gi"},
+        },
+    }  # fmt: skip
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(job))
+    exe = Path(sys.executable).with_name("finetune-operator")
+    work = tmp_path / "w"
+    proc = subprocess.run([str(exe), "local", str(f), "--workdir", str(work), "--timeout", "500"],
+                          capture_output=True, text=True, timeout=560)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = json.loads((work / "status.json").read_text())
+    assert status["phase"] == "Succeeded", status
+    assert status["worldSize"] == 4
+    train = [a for a in status["attempts"] if a.get("role") == "train"]
+    assert train and train[0]["pods"] == ["gang-demo-train-1-0", "gang-demo-train-1-1"], train
+    checkpoints = sorted((work / "pvcs" / "gang-demo-workspace" / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    for cp in checkpoints:
+        assert sorted(p.name for p in cp.glob("rng_state_*.pth")) == [f"rng_state_{r}.pth" for r in range(4)], cp
