@@ -38,7 +38,7 @@ from finetune_operator import contract
 pytestmark = pytest.mark.operator
 FAKE = Path(__file__).resolve().parents[1] / "operator" / "fake_worker.py"
 FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "0.5", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",
-            "FINETUNE_GRACE_SECONDS": "10", "FINETUNE_TIMER_TICK": "0.25"}  # fmt: skip
+            "FINETUNE_GRACE_SECONDS": "10"}  # fmt: skip
 ACTIONS = ("sigterm", "sigterm", "sigkill", "oom", "evict", "delete", "restart-operator", "operator-down", "idle")
 # What an attempt may read after each action: (result, exit code); None = any code. `completed`: the
 # pod had finished first. A SIGTERM that lands before the worker installs its handler (interpreter

@@ -22,7 +22,7 @@ from finetune_operator import contract
 pytestmark = pytest.mark.operator
 FAKE = Path(__file__).with_name("fake_worker.py")
 FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "0.5", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",
-            "FINETUNE_GRACE_SECONDS": "10", "FINETUNE_TIMER_TICK": "0.25"}  # fmt: skip
+            "FINETUNE_GRACE_SECONDS": "10"}  # fmt: skip
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from realenv import Env  # noqa: E402
 
 FAKE_WORKER = Path(__file__).resolve().parents[1] / "operator" / "fake_worker.py"
 FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "1", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",
-            "FINETUNE_GRACE_SECONDS": "10", "FINETUNE_TIMER_TICK": "0.25"}  # fmt: skip
+            "FINETUNE_GRACE_SECONDS": "10"}  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
