@@ -134,7 +134,8 @@ def test_backoff_exhaustion_fails_with_reason(cluster: Cluster, operator: Operat
     st = wait_phase(cluster, "bad", "Failed", 60)
     assert st["reason"] == "BackoffLimitExceeded" and "injected failure" in st["message"]
     assert [a["result"] for a in st["attempts"]] == ["failed", "failed"] and cond(st, "Failed") == "True"
-    assert "BackoffLimitExceeded" in reasons(cluster, "bad")
+    # the pass posts its Events after its status patch: wait for the Event, don't race it
+    cluster.wait_for(lambda: "BackoffLimitExceeded" in reasons(cluster, "bad"), 10, what="the BackoffLimitExceeded Event")
 
 
 def test_suspend_and_resume(cluster: Cluster, operator: OperatorRunner) -> None:
