@@ -42,6 +42,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from finetune_operator.kube import resource_path  # the operator's own URL builder
+
 REPO = Path(__file__).resolve().parents[2]
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
 OPERATOR_USER = "system:serviceaccount:finetune-system:finetune-operator"
@@ -128,19 +130,6 @@ class ApiError(Exception):
         self.status, self.reason, self.message, self.body = status, reason, message, body
 
 
-def path_of(api_version: str, plural: str, namespace: str | None = None, name: str | None = None,
-            subresource: str | None = None) -> str:  # fmt: skip
-    p = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    if namespace:
-        p += f"/namespaces/{namespace}"
-    p += f"/{plural}"
-    if name:
-        p += f"/{name}"
-    if subresource:
-        p += f"/{subresource}"
-    return p
-
-
 class ApiClient:
     """A synchronous API client with a bearer token (for tests, the test kubelet and the benchmark)."""
 
@@ -168,25 +157,25 @@ class ApiClient:
 
     def get(self, api_version: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
-            return dict(self.request("GET", path_of(api_version, plural, namespace, name)))
+            return dict(self.request("GET", resource_path(api_version, plural, namespace, name)))
         except ApiError as e:
             if e.status == 404:
                 return None
             raise
 
     def list(self, api_version: str, plural: str, namespace: str | None = None, **params: str) -> list[dict[str, Any]]:
-        return list(self.request("GET", path_of(api_version, plural, namespace), params=params or None)["items"])
+        return list(self.request("GET", resource_path(api_version, plural, namespace), params=params or None)["items"])
 
     def create(self, obj: dict[str, Any], namespace: str | None = None, *, plural: str | None = None,
                dry_run: bool = False) -> dict[str, Any]:  # fmt: skip
         ns = namespace or (obj.get("metadata") or {}).get("namespace")
         plural = plural or obj["kind"].lower() + "s"
         params = {"dryRun": "All", "fieldValidation": "Strict"} if dry_run else {"fieldValidation": "Strict"}
-        return dict(self.request("POST", path_of(obj["apiVersion"], plural, ns), obj, params=params))
+        return dict(self.request("POST", resource_path(obj["apiVersion"], plural, ns), obj, params=params))
 
     def patch(self, api_version: str, plural: str, namespace: str | None, name: str, body: Any, *,
               subresource: str | None = None, content_type: str = "application/merge-patch+json") -> dict[str, Any]:  # fmt: skip
-        return dict(self.request("PATCH", path_of(api_version, plural, namespace, name, subresource), body,
+        return dict(self.request("PATCH", resource_path(api_version, plural, namespace, name, subresource), body,
                                  content_type=content_type))  # fmt: skip
 
     def delete(self, api_version: str, plural: str, namespace: str | None, name: str, *,
@@ -200,7 +189,7 @@ class ApiClient:
         if propagation:
             body["propagationPolicy"] = propagation
         try:
-            self.request("DELETE", path_of(api_version, plural, namespace, name), body)
+            self.request("DELETE", resource_path(api_version, plural, namespace, name), body)
         except ApiError as e:
             if e.status in (404, 409):  # gone, or a newer object of that name (uid precondition)
                 return False
