@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 
 from . import metrics
-from .builders import DEFAULT_WORKER_IMAGE, LABEL_JOB, claim_name
+from .builders import DEFAULT_WORKER_IMAGE, LABEL_JOB, LABEL_RANK, claim_name
 from .contract import API_VERSION, PLURAL
 from .informer import Informer, Scheduler, Tail
 from .kube import ApiError, Kube, resource_path
@@ -118,7 +118,10 @@ async def observe(kube: Kube, informer: Informer, job: dict[str, Any]) -> Observ
     observations = []
     for pod in pods:
         tail = None
-        if active and (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp"):
+        # of a gang, only member 0 (global rank 0) prints progress: the others' logs are not read
+        member = (pod["metadata"].get("labels") or {}).get(LABEL_RANK, "0")
+        if (active and member == "0" and (pod.get("status") or {}).get("phase") == "Running"
+                and not pod["metadata"].get("deletionTimestamp")):  # fmt: skip
             tail = await _tail(kube, informer, ns, pod["metadata"]["name"])
         observations.append(observe_pod(pod, tail.text if tail else None, tail.error if tail else None))
     try:
