@@ -225,7 +225,7 @@ def main() -> int:
         print(f"    apiserver_request_total delta: {(m3 - m2) / minutes:.1f}/min with {jobs_now} jobs vs "
               f"{(m1 - m0) / ((t1 - t0) / 60):.1f}/min with none (all clients, includes this benchmark's scrapes)")
         print(f"\n(d) operator log lines per job per hour at steady state: "
-              f"{(lines1 - lines0) / jobs_now / ((t3 - t2) / 3600):.1f}  ({lines1 - lines0} lines in {t3 - t2:.0f} s, "
+              f"{(lines1 - lines0) / max(jobs_now, 1) / ((t3 - t2) / 3600):.1f}  ({lines1 - lines0} lines in {t3 - t2:.0f} s, "
               f"{jobs_now} jobs)")
         rss1 = op.rss()
         cpu_a = op.cpu_seconds()
@@ -271,7 +271,7 @@ def main() -> int:
               f"operator/(apiserver+etcd) = {cpu_op / max(cpu_as + cpu_etcd, 1e-9):.2f}")
         rss2 = op.rss()
         print(f"\n(c) operator RSS: {rss0 / 2**20:.0f} MiB empty -> {rss1 / 2**20:.0f} MiB with the {jobs_now} jobs of (a): "
-              f"{(rss1 - rss0) / jobs_now / 1024:.0f} KiB per job; {rss_b0 / 2**20:.0f} MiB empty -> {rss2 / 2**20:.0f} MiB "
+              f"{(rss1 - rss0) / max(jobs_now, 1) / 1024:.0f} KiB per job; {rss_b0 / 2**20:.0f} MiB empty -> {rss2 / 2**20:.0f} MiB "
               f"with the {args.scale} of (b): {(rss2 - rss_b0) / args.scale / 1024:.0f} KiB per job")
         print(f"    (operator CPU over (a), {jobs_now} jobs for {(t3 - t0) / 60:.1f} min: {cpu_a:.1f} s)")
         return 0

@@ -301,6 +301,24 @@ class LocalPodExecutor:
         lines = text.splitlines(keepends=True)
         return "".join(lines[-tail_lines:])
 
+    def log_bytes(self, name: str, offset: int = 0) -> tuple[bytes, bool]:
+        """The pod's log from byte `offset` on, and whether its process had ended before the read
+        (then the bytes are all there will be): what a follow stream (`kubectl logs -f`) sends.
+
+        Raises:
+            KeyError: no such pod.
+        """
+        record = self._pods.get(name)
+        if record is None:
+            raise KeyError(name)
+        ended = record.done.is_set()
+        try:
+            with (record.dir / "log").open("rb") as f:
+                f.seek(offset)
+                return f.read(), ended
+        except OSError:
+            return b"", ended
+
     @staticmethod
     def _read_log(record: _Pod) -> str:
         try:

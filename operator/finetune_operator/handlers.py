@@ -3,7 +3,8 @@
 kopf indexes hold the FineTuneJobs, their pods and their claims (filled from watches before any
 handler runs); a FineTuneJob or pod event runs the job's pass (passes.py), and one operator-wide
 scheduler task (informer.Scheduler, started here at startup) runs the passes that are due:
-backoff, TTL, the progress read of a running pod, the safety resync.
+backoff, TTL, the progress update of a running pod, the safety resync. A running pod's log is
+followed by one stream (logfollow.py), not read per interval.
 
 No finalizer: no kopf timer, daemon or mandatory deletion handler is registered for FineTuneJobs
 (kopf adds its finalizer for those, and removes it from jobs of older versions on sight); children
@@ -11,7 +12,8 @@ go with the job through ownerReferences.
 
 Environment (read at startup; README "Operator settings and metrics"):
   FINETUNE_WORKER_IMAGE          default worker image (spec.image wins)
-  FINETUNE_RESYNC_SECONDS        how often a running pod's progress is read from its log (default 5)
+  FINETUNE_RESYNC_SECONDS        how often, at most, a running pod's progress (followed in its log)
+                                 is written to status (default 5)
   FINETUNE_SAFETY_RESYNC_SECONDS every job is reconciled from the cache at least this often (600)
   FINETUNE_GRACE_SECONDS         terminationGracePeriodSeconds of worker pods (default 300)
   FINETUNE_BACKOFF_SECONDS       first retry delay after a failure (default 10; doubles, capped at
@@ -23,6 +25,7 @@ Environment (read at startup; README "Operator settings and metrics"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
@@ -68,6 +71,11 @@ class _PeeringState(logging.Handler):
         text = str(record.msg)
         if text.startswith("Pausing "):
             _state["paused"] = True
+            follower = _state["follower"]
+            if follower is not None:  # a standby reads no logs; the active replica follows them
+                _state["follower"] = None
+                with contextlib.suppress(RuntimeError):  # no running loop: nothing is followed either
+                    asyncio.get_running_loop().create_task(follower.close())
         elif text.startswith("Resuming operations"):
             _state["paused"] = False
 
@@ -105,6 +113,7 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     passes.SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
     _state["locks"] = {}
     _state["kube"] = None
+    _state["follower"] = None
     _state["informer"] = Informer(kwargs["ftj_jobs"], kwargs["ftj_pods"], kwargs["ftj_claims"])
     _state["paused"] = False
     if not settings.peering.standalone:
@@ -137,6 +146,9 @@ async def close_client(**_: Any) -> None:
         await asyncio.gather(task, _state["prune"], return_exceptions=True)
         await _state["scheduler"].stop()
         _state["task"] = _state["scheduler"] = _state["prune"] = None
+    if _state["follower"] is not None:
+        await _state["follower"].close()
+        _state["follower"] = None
     if _state["kube"] is not None:
         await _state["kube"].close()
         _state["kube"] = None
@@ -190,4 +202,6 @@ async def on_pod_event(type: str | None, body: Any, namespace: str | None, **_: 
     if owner is None:
         return
     passes._informer().pod_event(str(namespace), body, deleted=type == "DELETED")
+    if type == "DELETED" and _state["follower"] is not None:
+        _state["follower"].stop(str(namespace), body["metadata"]["name"])
     await reconcile_job(str(namespace), owner["name"])

@@ -9,7 +9,7 @@ watch shows it (or `EXPECT_SECONDS` pass). Reconcile reads all of it from memory
 nothing changes costs the API server nothing.
 
 `Scheduler`: one operator-wide task (no per-job kopf timers, which would need a finalizer on every
-job) that runs a job's reconcile when its requeue time is due: backoff, TTL, the progress read of
+job) that runs a job's reconcile when its requeue time is due: backoff, TTL, the progress update of
 a running pod, and a slow safety resync.
 
 No kopf import here: the index objects are plain Mappings of key -> iterable of values.
@@ -24,7 +24,6 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from .builders import LABEL_JOB
@@ -35,15 +34,6 @@ ENDED_CACHE_SIZE = 4096
 EXPECT_SECONDS = 60.0
 PAUSED_RECHECK = 1.0  # seconds between looks at the paused flag of a standby
 log = logging.getLogger("finetune_operator")
-
-
-@dataclass(frozen=True)
-class Tail:
-    """The last read of a pod's log: its text, or why it could not be read."""
-
-    read_at: float  # time.monotonic()
-    text: str | None
-    error: str | None = None
 
 
 def _rv(obj: Mapping[str, Any] | None) -> int:
@@ -68,7 +58,6 @@ class Informer:
         self.written: dict[Key, dict[str, Any]] = {}
         self.expected: dict[Key, dict[str, tuple[float, dict[str, Any]]]] = {}
         self.ended: collections.OrderedDict[Key, dict[str, Any]] = collections.OrderedDict()
-        self.tails: dict[Key, Tail] = {}
         self.deletes: dict[Key, float] = {}
         # Objects a LIST no longer has, by kind, with the resourceVersion they were last seen at:
         # kopf's indexes keep what was deleted while a watch was down (a re-list sends no DELETED).
@@ -131,9 +120,6 @@ class Informer:
             self.ended[(namespace, name)] = dict(body)
             while len(self.ended) > ENDED_CACHE_SIZE:
                 self.ended.popitem(last=False)
-            self.tails.pop((namespace, name), None)
-        if deleted:
-            self.tails.pop((namespace, name), None)
 
     def deleting(self, namespace: str, pod: str) -> bool:
         """True the first time a delete of `pod` is asked (and again after EXPECT_SECONDS)."""

@@ -5,7 +5,7 @@ minor) does everything under the wrapper: kubeconfig loading (contexts, CA and c
 tokens, exec credential plugins, OIDC), the in-cluster service account (its token file is re-read
 as the kubelet rotates it), TLS and the HTTP session. The wrapper only names the five calls reconcile
 plans need: create (409 = already there), get (None on 404), list by labels, JSON merge patch
-(status subresource included), delete, and a bounded pod log tail. Requests go through
+(status subresource included), delete, a bounded pod log tail and a followed pod log. Requests go through
 `ApiClient.call_api` with the response unread, so a log that happens to be JSON is not mangled
 by the generated deserializer.
 
@@ -21,9 +21,12 @@ token is due to rotate.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as dt
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -39,6 +42,8 @@ LOG_LIMIT_BYTES = 64 * 1024  # a log tail is read for its last progress lines, n
 # A log read that hangs (kubelet unreachable) must not hold a job's pass for long: suspend,
 # deletion and an ended pod are decided in the same pass.
 LOG_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
+# A follow stream lives as long as its pod: no total limit (logfollow.py reopens a silent one).
+FOLLOW_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
 # kopf re-logs-in after this long with in-cluster credentials: the kubelet rotates the mounted
 # token well before its (>= 1 h) expiry, and the library re-reads the file every minute.
 IN_CLUSTER_RELOGIN = dt.timedelta(minutes=10)
@@ -155,6 +160,18 @@ def resource_path(api_version: str, plural: str, namespace: str | None = None, n
     return base
 
 
+def _raise_for(status: int, reason: str, raw: str) -> None:
+    """ApiError for a non-2xx answer, with the Status object's reason and message when there is one."""
+    if status < 400:
+        return
+    try:
+        doc = json.loads(raw)
+        reason, message = str(doc.get("reason", "")), str(doc.get("message", raw))
+    except (ValueError, AttributeError):
+        message = raw
+    raise ApiError(status, reason, message[:500])
+
+
 _PLURALS = {"Pod": "pods", "PersistentVolumeClaim": "persistentvolumeclaims", "Event": "events"}
 
 
@@ -165,6 +182,7 @@ class Kube:
         self.api = api
         self.api.user_agent = USER_AGENT
         self.loaded = loaded
+        self._streams: ApiClient | None = None  # follow_log's own pool
 
     @classmethod
     async def connect(cls) -> Kube:
@@ -179,6 +197,8 @@ class Kube:
 
     async def close(self) -> None:
         await self.api.close()
+        if self._streams is not None:
+            await self._streams.close()
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json", text: bool = False,
@@ -191,14 +211,7 @@ class Kube:
         )  # fmt: skip
         async with resp:
             raw = await resp.text()
-            status = int(resp.status)
-            if status >= 400:
-                try:
-                    doc = json.loads(raw)
-                    reason, message = str(doc.get("reason", "")), str(doc.get("message", raw))
-                except (ValueError, AttributeError):
-                    reason, message = str(resp.reason or ""), raw
-                raise ApiError(status, reason, message[:500])
+            _raise_for(int(resp.status), str(resp.reason or ""), raw)
         if text:
             return raw
         return json.loads(raw) if raw else {}
@@ -251,6 +264,28 @@ class Kube:
                 return False
             raise
         return True
+
+    @contextlib.asynccontextmanager
+    async def follow_log(self, namespace: str, name: str, tail_lines: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        """`pods/log?follow=true` from the last `tail_lines` lines: the log's byte chunks as the
+        kubelet writes them, until the container ends. On its own connection pool with no limit
+        (one long-running request per followed pod must never queue the operator's other calls).
+        Raises ApiError on a non-2xx answer."""
+        if self._streams is None:
+            cfg = copy.copy(self.api.configuration)  # shares api_key: a refreshed token serves both
+            cfg.connection_pool_maxsize = 0  # aiohttp: no limit
+            self._streams = ApiClient(cfg)
+            self._streams.user_agent = USER_AGENT
+        resp = await self._streams.call_api(
+            resource_path("v1", "pods", namespace, name, "log"), "GET",
+            query_params=[("follow", "true"), ("tailLines", str(tail_lines))],
+            header_params={"Accept": "*/*"}, auth_settings=["BearerToken"], _preload_content=False,
+            _request_timeout=FOLLOW_TIMEOUT,
+        )  # fmt: skip
+        async with resp:
+            if int(resp.status) >= 400:
+                _raise_for(int(resp.status), str(resp.reason or ""), await resp.text())
+            yield resp.content.iter_any()
 
     async def pod_log(self, namespace: str, name: str, tail_lines: int = 40,
                       limit_bytes: int = LOG_LIMIT_BYTES) -> str:  # fmt: skip

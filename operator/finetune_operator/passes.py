@@ -2,9 +2,8 @@
 
 `reconcile_job(namespace, name)` is what every trigger runs (handlers.py: a FineTuneJob or pod
 watch event; the scheduler: a due requeue). It reads the job, its pods and its claim from the
-informer (informer.py), reads a running pod's log tail when the last read is older than
-FINETUNE_RESYNC_SECONDS, decides, applies. Only writes and that bounded log read reach the API
-server. A per-job lock keeps two triggers of one job from interleaving; jobs never wait on each
+informer (informer.py) and a running pod's log tail from its follow stream (logfollow.py),
+decides, applies. Only writes reach the API server from a pass. A per-job lock keeps two triggers of one job from interleaving; jobs never wait on each
 other. Errors are logged in one line and retried after pending_interval; a pass never raises.
 """
 
@@ -22,8 +21,9 @@ import kopf
 from . import metrics
 from .builders import DEFAULT_WORKER_IMAGE, LABEL_JOB, LABEL_RANK, claim_name
 from .contract import API_VERSION, PLURAL
-from .informer import Informer, Scheduler, Tail
+from .informer import Informer, Scheduler
 from .kube import ApiError, Kube, resource_path
+from .logfollow import LogFollower
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
 from .reconcile import Plan, Settings, reconcile, recorded_source
 from .spec import FineTuneSpec, SpecError, parse_spec
@@ -46,7 +46,8 @@ def settings_from_env() -> Settings:
 SETTINGS = settings_from_env()
 SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
 _state: dict[str, Any] = {"kube": None, "locks": {}, "informer": Informer(), "scheduler": None, "task": None,
-                          "paused": False, "prune": None}
+                          "paused": False, "prune": None,
+                          "follower": None}
 
 
 async def _kube() -> Kube:
@@ -74,20 +75,13 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:120]}"
 
 
-async def _tail(kube: Kube, informer: Informer, ns: str, pod: str) -> Tail:
-    """The pod's log tail: re-read when the last read is older than the progress interval.
-    Any error (5xx, timeout, 404) is kept as the reason progress is stale; it never raises."""
-    last = informer.tails.get((ns, pod))
-    if last is not None and time.monotonic() - last.read_at < SETTINGS.progress_interval:
-        return last
-    try:
-        tail = Tail(time.monotonic(), await kube.pod_log(ns, pod, LOG_TAIL_LINES))
-    except Exception as e:
-        tail = Tail(time.monotonic(), None, f"cannot read the log of pod {pod}: {_error_text(e)}")
-        if last is None or last.error != tail.error:
-            log.warning("[%s/%s] %s", ns, pod, tail.error)
-    informer.tails[(ns, pod)] = tail
-    return tail
+def _follower(kube: Kube) -> LogFollower:
+    """The operator's log streams (logfollow.py), made with the client on first use."""
+    if _state["follower"] is None:
+        _state["follower"] = LogFollower(kube.follow_log, SETTINGS.progress_interval, LOG_TAIL_LINES,
+                                         describe=_error_text)  # fmt: skip
+    follower: LogFollower = _state["follower"]
+    return follower
 
 
 async def _claim_exists(kube: Kube, informer: Informer, ns: str, claim: str) -> bool:
@@ -96,9 +90,9 @@ async def _claim_exists(kube: Kube, informer: Informer, ns: str, claim: str) -> 
 
 
 async def observe(kube: Kube, informer: Informer, job: dict[str, Any]) -> Observed:
-    """The job's pods (with the log tail of running ones, when it is due), its workspace claim and
-    its spec.model.fromJob source, from the informer. The API is read only for a claim a launch
-    needs that the watch cannot show (a user's own claim), and for the due log tail."""
+    """The job's pods (a running pod with its log tail, as its stream last delivered it), its
+    workspace claim and its spec.model.fromJob source, from the informer. The API is read only for
+    a claim a launch needs that the watch cannot show (a user's own claim)."""
     meta = job["metadata"]
     ns, uid, status = str(meta.get("namespace")), meta.get("uid"), job.get("status") or {}
     pods = [
@@ -115,14 +109,16 @@ async def observe(kube: Kube, informer: Informer, job: dict[str, Any]) -> Observ
         if any(o.get("uid") == uid for o in body["metadata"].get("ownerReferences") or []):
             pods.append(body)
     active = status.get("phase") not in (*TERMINAL_PHASES, PHASE_SUSPENDED) and not (job.get("spec") or {}).get("suspend")
-    observations = []
+    observations, follower = [], _follower(kube)
     for pod in pods:
-        tail = None
+        tail, pod_name = None, str(pod["metadata"]["name"])
         # of a gang, only member 0 (global rank 0) prints progress: the others' logs are not read
         member = (pod["metadata"].get("labels") or {}).get(LABEL_RANK, "0")
         if (active and member == "0" and (pod.get("status") or {}).get("phase") == "Running"
                 and not pod["metadata"].get("deletionTimestamp")):  # fmt: skip
-            tail = await _tail(kube, informer, ns, pod["metadata"]["name"])
+            tail = follower.tail(ns, pod_name)  # as its log stream last delivered it: no request
+        else:
+            follower.stop(ns, pod_name)
         observations.append(observe_pod(pod, tail.text if tail else None, tail.error if tail else None))
     try:
         spec = parse_spec(job.get("spec"))

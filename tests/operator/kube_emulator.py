@@ -52,6 +52,7 @@ import kmock
 from kube_store import Kubelet, ObjectStore, Res, Watch, api_error, now_rfc3339
 
 REQUEST_LOG_KEEP = 200
+FOLLOW_POLL = 0.1  # seconds between looks at a followed pod's log file
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
@@ -67,6 +68,7 @@ class FixedKubernetesEmulator(ObjectStore, kmock.KubernetesEmulator):
     # A pods/log outage (kubelet unreachable, NotReady node): the log subresource answers this
     # status code while set (e.g. 500), as a real API server relays a kubelet error.
     log_outage: int | None = attrs.field(default=None, init=False)
+    log_streams: int = attrs.field(default=0, init=False)  # follow=true log streams opened
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -156,7 +158,10 @@ class FixedKubernetesEmulator(ObjectStore, kmock.KubernetesEmulator):
                 405, "MethodNotAllowed", f"{method} on a collection is not supported by the emulator"
             )
         if sub == "log" and res.kind == "Pod" and method == "GET":
-            return aiohttp.web.Response(text=self._pod_log(ns or "", name, q.get("tailLines")))
+            text = self._pod_log(ns or "", name, q.get("tailLines"))  # the errors of both kinds
+            if q.get("follow") in ("true", "1"):
+                return await self._follow_log(raw, ns or "", name, q.get("tailLines"))
+            return aiohttp.web.Response(text=text)
         if sub == "eviction" and res.kind == "Pod" and method == "POST":
             self._evict(res, ns or "", name)
             return aiohttp.web.json_response(
@@ -182,6 +187,29 @@ class FixedKubernetesEmulator(ObjectStore, kmock.KubernetesEmulator):
                 self.delete_object(res, ns, name, None if grace is None else float(grace))
             )
         raise api_error(405, "MethodNotAllowed", f"{method} is not supported")
+
+    async def _follow_log(self, request: aiohttp.web.Request, ns: str, name: str,
+                          tail: str | None) -> aiohttp.web.StreamResponse:  # fmt: skip
+        """`follow=true`: the tail, then what the pod writes, until its process ends (as the kubelet
+        streams it). A log outage set meanwhile cuts the stream, as an unreachable kubelet does."""
+        assert self.kubelet is not None
+        self.log_streams += 1
+        resp = aiohttp.web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        data, ended = self.kubelet.log_bytes(ns, name, 0)
+        offset = len(data)
+        await resp.write(b"".join(data.splitlines(keepends=True)[-int(tail):]) if tail else data)
+        while not ended and self.log_outage is None:
+            await asyncio.sleep(FOLLOW_POLL)
+            try:
+                data, ended = self.kubelet.log_bytes(ns, name, offset)
+            except KeyError:
+                break
+            offset += len(data)
+            if data:
+                await resp.write(data)
+        await resp.write_eof()
+        return resp
 
     def _pod_log(self, ns: str, name: str, tail: str | None) -> str:
         pod = self.get_object(self._res[("", "v1", "pods")], ns, name)

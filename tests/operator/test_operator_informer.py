@@ -1,5 +1,5 @@
-"""The operator as an informer: no finalizer, no requests while nothing changes, a pod log outage
-that stalls nothing, progress of a resumed attempt, quiet logs.
+"""The operator as an informer: no finalizer, no requests while nothing changes, progress from one
+log stream, a pod log outage that stalls nothing, progress of a resumed attempt, quiet logs.
 
 The emulator records every HTTP request it serves (only operators speak HTTP to it: the test
 kubelet and the harness's helpers use its store directly), so the tests count what the real
@@ -115,6 +115,30 @@ def test_a_pod_log_outage_marks_progress_stale_and_suspend_still_stops_the_pod(
                          and not s["progress"].get("stale"), 30)  # fmt: skip
     except TimeoutError:
         pytest.fail(f"no fresh progress after the outage: {status(cluster, 'out')}")
+
+
+TRAINING_WINDOW = 3.0  # seconds: 6 progress intervals at FINETUNE_RESYNC_SECONDS=0.5
+
+
+def test_a_training_job_costs_one_log_stream_and_at_most_a_write_per_interval(
+    cluster: Cluster, operator: OperatorRunner
+) -> None:
+    """Progress comes from one `follow=true` log stream opened when the pod runs, not a read per
+    interval: while the job trains, the operator sends nothing but status writes, at most one per
+    FINETUNE_RESYNC_SECONDS, and status still moves."""
+    configure(cluster, "tr-workspace", steps=400, stepSeconds=0.05)
+    cluster.create(finetune_job("tr", spec(training={"maxSteps": 400})))
+    before = cluster.wait_for(lambda: (status(cluster, "tr").get("progress") or {}).get("step"), 30, what="progress")
+    t0 = time.monotonic()
+    time.sleep(TRAINING_WINDOW)
+    sent = cluster.requests(t0)
+    after = (status(cluster, "tr").get("progress") or {}).get("step")
+    assert status(cluster, "tr")["phase"] == "Training" and after > before, (before, after)
+    streams = [r for r in cluster.requests() if "/log" in r[2]]
+    assert len(streams) == 1 and "follow=true" in streams[0][2] and streams[0][0] < t0, streams
+    assert all(r[1] == "PATCH" and r[2].endswith("/status") for r in sent), sent
+    interval = float(FAST_ENV["FINETUNE_RESYNC_SECONDS"])
+    assert 1 <= len(sent) <= TRAINING_WINDOW / interval + 1, f"{len(sent)} writes in {TRAINING_WINDOW}s: {sent}"
 
 
 def test_a_resumed_attempt_reports_progress_from_its_checkpoint(cluster: Cluster, operator: OperatorRunner) -> None:

@@ -24,6 +24,7 @@ Claims map to directories `pvcs/<namespace>.<claim>/` of the executor; pods run 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import http.server
@@ -41,6 +42,7 @@ from controlplane import ApiClient, ApiError
 from finetune_operator.executor import LocalPodExecutor
 
 NODE_NAME = "realapi-node"
+FOLLOW_POLL = 0.1  # seconds between looks at a followed pod's log file
 
 
 def _now() -> str:
@@ -68,10 +70,35 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
         except KeyError:
             self._answer(404, f"pod {parts[1]}/{parts[2]} is not running on this node")
             return
+        if query.get("follow", [""])[0] in ("true", "1"):
+            self._follow(parts[1], parts[2], tail)
+            return
         data = text.encode()
         if limit is not None:
             data = data[:limit]
         self._answer(200, data)
+
+    def _follow(self, namespace: str, name: str, tail: int | None) -> None:
+        """`follow=true`: the tail, then what the pod writes, until it ends (HTTP/1.0: the body ends
+        when the connection closes). A log outage set meanwhile cuts the stream."""
+        self.kubelet.log_streams[(namespace, name)] += 1
+        data, ended = self.kubelet.log_bytes(namespace, name, 0)
+        offset = len(data)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        try:
+            self.wfile.write(b"".join(data.splitlines(keepends=True)[-tail:]) if tail else data)
+            self.wfile.flush()
+            while not ended and self.kubelet.logs_available and not self.kubelet.closing():
+                time.sleep(FOLLOW_POLL)
+                data, ended = self.kubelet.log_bytes(namespace, name, offset)
+                offset += len(data)
+                if data:
+                    self.wfile.write(data)
+                    self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, KeyError):
+            pass
 
     def _answer(self, code: int, body: str | bytes) -> None:
         data = body.encode() if isinstance(body, str) else body
@@ -95,6 +122,7 @@ class RealApiKubelet:
         self.executor = LocalPodExecutor(root, bin_dir=bin_dir, on_exit=self._exited)
         self.logs_available = True
         self.log_requests = 0
+        self.log_streams: collections.Counter[tuple[str, str]] = collections.Counter()  # follow=true, by pod
         self.unscheduled_namespaces: set[str] = set()  # pods there stay Pending: nothing schedules them
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
@@ -342,6 +370,19 @@ class RealApiKubelet:
         except KeyError:
             text = (self.executor.pod_dir(local) / "log").read_text(errors="replace")
             return text if tail_lines is None else "".join(text.splitlines(keepends=True)[-tail_lines:])
+
+    def closing(self) -> bool:
+        return self._stop.is_set()
+
+    def log_bytes(self, namespace: str, name: str, offset: int) -> tuple[bytes, bool]:
+        """The pod's log from byte `offset`, and whether it had ended (as executor.log_bytes)."""
+        local = self._local_of(namespace, name)
+        try:
+            return self.executor.log_bytes(local, offset)
+        except KeyError:  # a deleted pod: its log is complete
+            with (self.executor.pod_dir(local) / "log").open("rb") as f:
+                f.seek(offset)
+                return f.read(), True
 
     def kill(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> None:
         """Deliver a signal to the pod's process (SIGKILL: the whole container), as a node would."""

@@ -261,15 +261,34 @@ def test_suspend_is_acted_on_during_a_pod_log_outage(env: Env, operator: Callabl
     env.create_job("outage", spec(training={"maxSteps": 600}))
     env.wait_phase("outage", "Training", 60)
     env.wait_for(lambda: env.status("outage").get("progress"), 30, "progress")
-    env.kubelet.logs_available = False
+    env.kubelet.logs_available = False  # cuts the operator's log stream; opening it again fails
     try:
-        time.sleep(2)  # a few progress reads fail first
+        st = env.wait_for(lambda: (s := env.status("outage")).get("progress", {}).get("stale") and s, 30,
+                          "progress marked stale")  # fmt: skip
+        assert st["phase"] == "Training" and "progress stale" in st["message"], st
         env.patch_job("outage", {"spec": {"suspend": True}})
         st = env.wait_for(lambda: (s := env.status("outage")).get("phase") == "Suspended" and s, 30,
                           "suspended despite the log outage")  # fmt: skip
         assert st["attempts"][0]["result"] == "preempted"
     finally:
         env.kubelet.logs_available = True
+
+
+def test_progress_of_a_training_job_comes_from_one_log_stream(env: Env, operator: Callable[..., OperatorProcess]) -> None:
+    """Through the real server's pods/log proxy: one follow stream for the pod, no tail read per
+    interval, and status progress still moves."""
+    operator()
+    env.configure("stream-workspace", steps=400, stepSeconds=0.05)
+    env.create_job("stream", spec(training={"maxSteps": 400}))
+    before = env.wait_for(lambda: (env.status("stream").get("progress") or {}).get("step"), 60, "progress")
+    reads = env.kubelet.log_requests  # every containerLogs request, of every test's pods
+    time.sleep(3)  # 3 progress intervals at FINETUNE_RESYNC_SECONDS=1
+    after = (env.status("stream").get("progress") or {}).get("step")
+    assert after > before and env.status("stream")["phase"] == "Training", (before, after)
+    assert env.kubelet.log_requests == reads, f"{env.kubelet.log_requests - reads} log requests while training"
+    assert env.kubelet.log_streams[(env.ns, "stream-train-1")] == 1
+    env.patch_job("stream", {"spec": {"suspend": True}})
+    env.wait_phase("stream", "Suspended", 60)
 
 
 def test_progress_after_a_resume_starts_at_the_resume_point(
