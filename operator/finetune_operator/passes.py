@@ -109,15 +109,15 @@ async def observe(kube: Kube, informer: Informer, job: dict[str, Any]) -> Observ
         if any(o.get("uid") == uid for o in body["metadata"].get("ownerReferences") or []):
             pods.append(body)
     active = status.get("phase") not in (*TERMINAL_PHASES, PHASE_SUSPENDED) and not (job.get("spec") or {}).get("suspend")
-    observations, follower = [], _follower(kube)
+    observations, follower = [], _state["follower"]
     for pod in pods:
         tail, pod_name = None, str(pod["metadata"]["name"])
         # of a gang, only member 0 (global rank 0) prints progress: the others' logs are not read
         member = (pod["metadata"].get("labels") or {}).get(LABEL_RANK, "0")
         if (active and member == "0" and (pod.get("status") or {}).get("phase") == "Running"
                 and not pod["metadata"].get("deletionTimestamp")):  # fmt: skip
-            tail = follower.tail(ns, pod_name)  # as its log stream last delivered it: no request
-        else:
+            tail = _follower(kube).tail(ns, pod_name)  # as its log stream last delivered it: no request
+        elif follower is not None:
             follower.stop(ns, pod_name)
         observations.append(observe_pod(pod, tail.text if tail else None, tail.error if tail else None))
     try:

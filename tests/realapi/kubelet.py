@@ -97,7 +97,7 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
                 if data:
                     self.wfile.write(data)
                     self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, KeyError):
+        except (OSError, KeyError):  # the reader went away (SSL EOF, reset) or the pod did
             pass
 
     def _answer(self, code: int, body: str | bytes) -> None:

@@ -4,8 +4,10 @@ attempt, the informer's read-your-writes, the scheduler, and what observe() asks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from test_reconcile import SETTINGS, T0, job, pod, started, step
@@ -122,18 +124,23 @@ async def test_the_scheduler_runs_each_job_when_due_and_only_then() -> None:
 
 class LogOutageKube:
     def __init__(self, error: BaseException | None = None) -> None:
-        self.log_reads = 0
+        self.log_opens = 0
         self.error = error or ApiError(500, "InternalError", "dial tcp 10.0.0.7:10250: connect: connection refused")
 
-    async def pod_log(self, ns: str, name: str, tail_lines: int = 40) -> str:
-        self.log_reads += 1
+    @contextlib.asynccontextmanager
+    async def follow_log(self, ns: str, name: str, tail_lines: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.log_opens += 1
         raise self.error
+        yield  # pragma: no cover
 
     async def get(self, *_: Any) -> None:
         raise AssertionError("observe must not GET what the informer has")
 
 
-def test_observe_survives_a_log_outage_and_reads_the_log_at_most_once_per_interval() -> None:
+def test_observe_survives_a_log_outage_and_opens_the_log_at_most_once_per_interval() -> None:
+    """A pass never waits on the log: the first sees no tail yet, the next the outage (progress
+    stale); the stream is tried again only after the progress interval; a suspended job's pod
+    is no longer followed."""
     j = training()
     j["metadata"]["resourceVersion"] = "1"
     running = {"metadata": {"name": "faq-train-1", "namespace": "ml", "ownerReferences": [{"uid": "u-1"}],
@@ -141,14 +148,22 @@ def test_observe_survives_a_log_outage_and_reads_the_log_at_most_once_per_interv
                "status": {"phase": "Running"}}  # fmt: skip
     inf = Informer(jobs={("ml", "faq"): [j]}, pods={("ml", "faq"): [running]})
     kube = LogOutageKube()
-    first = asyncio.run(handlers.observe(kube, inf, j))  # type: ignore[arg-type]
-    second = asyncio.run(handlers.observe(kube, inf, j))  # type: ignore[arg-type]
-    assert first.pods[0].log_error == second.pods[0].log_error == OUTAGE and kube.log_reads == 1
-    assert first.pods[0] == observe_pod(running, None, OUTAGE)
-    j["spec"]["suspend"] = True  # a suspended job's pod is not read at all
-    inf.tails.clear()
-    asyncio.run(handlers.observe(kube, inf, j))  # type: ignore[arg-type]
-    assert kube.log_reads == 1
+
+    async def passes() -> None:
+        handlers._state["follower"] = None
+        first = await handlers.observe(kube, inf, j)  # type: ignore[arg-type]
+        assert first.pods[0] == observe_pod(running, None, None)
+        await asyncio.sleep(0.1)
+        second = await handlers.observe(kube, inf, j)  # type: ignore[arg-type]
+        assert second.pods[0] == observe_pod(running, None, OUTAGE) and kube.log_opens == 1
+        j["spec"]["suspend"] = True  # a suspended job's pod is not followed at all
+        await handlers.observe(kube, inf, j)  # type: ignore[arg-type]
+        follower = handlers._state["follower"]
+        assert follower.following() == set()
+        await follower.close()
+        handlers._state["follower"] = None
+
+    asyncio.run(passes())
 
 
 def test_the_ttl_of_a_finished_job_is_a_requeue_not_a_poll() -> None:
@@ -180,11 +195,18 @@ def test_a_log_read_that_times_out_or_finds_no_pod_is_an_outage_too() -> None:
     running = {"metadata": {"name": "faq-train-1", "namespace": "ml", "ownerReferences": [{"uid": "u-1"}],
                             "labels": {"finetune.dev/role": "train", "finetune.dev/attempt": "1"}},
                "status": {"phase": "Running"}}  # fmt: skip
-    for error, text in ((asyncio.TimeoutError(), "timed out"), (ApiError(404, "NotFound", "gone"), "404 NotFound")):
-        j = training()
+    async def observed(kube: LogOutageKube) -> str | None:
+        handlers._state["follower"] = None
         inf = Informer(pods={("ml", "faq"): [running]})
-        observed = asyncio.run(handlers.observe(LogOutageKube(error), inf, j))  # type: ignore[arg-type]
-        assert observed.pods[0].log_error == f"cannot read the log of pod faq-train-1: {text}"
+        await handlers.observe(kube, inf, training())  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        error = (await handlers.observe(kube, inf, training())).pods[0].log_error  # type: ignore[arg-type]
+        await handlers._state["follower"].close()
+        handlers._state["follower"] = None
+        return error
+
+    for error, text in ((asyncio.TimeoutError(), "timed out"), (ApiError(404, "NotFound", "gone"), "404 NotFound")):
+        assert asyncio.run(observed(LogOutageKube(error))) == f"cannot read the log of pod faq-train-1: {text}"
 
 
 def test_what_a_list_lacks_is_gone_from_the_informer_until_it_is_created_again() -> None:
