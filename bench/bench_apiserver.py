@@ -7,7 +7,8 @@ told apart from the test kubelet's and the benchmark's; per-job figures use the 
 request names, and the operator's requests with no jobs at all are measured first (the background).
 
   (a) API requests per job per minute: 100 idle jobs (pods Pending forever), 100 Succeeded jobs,
-      and Training jobs (pods running the fake worker, progress read every FINETUNE_RESYNC_SECONDS);
+      and Training jobs (pods running the fake worker, their logs followed, progress written at most
+      every FINETUNE_RESYNC_SECONDS);
       the goal is 0 for idle and Succeeded, <= 60 / FINETUNE_RESYNC_SECONDS for Training. Also the
       server's own apiserver_request_total delta over the same window, all clients.
   (b) 500 jobs applied at once: per-job latency from the create call's return to the training pod's
