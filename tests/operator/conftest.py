@@ -7,6 +7,7 @@ test that leaves a kopf thread or a pod process behind fails at teardown.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,3 +72,39 @@ def run_operator(kube: Cluster) -> Iterator[Callable[..., contextlib.AbstractCon
 
 
 __all__ = ["harness", "kube", "kube_options", "kubelet", "run_operator"]
+
+
+# -- a cluster whose pods run the fake worker, at FAST_ENV settings (a module may define its own
+# `cluster`, as test_operator_cli and test_operator_scale do) ---------------------------------------
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path) -> Path:
+    """A bin directory whose `finetune-worker` is the fake worker."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    script = d / "finetune-worker"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{harness.FAKE}" "$@"\n')
+    script.chmod(0o755)
+    return d
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    for k, v in harness.FAST_ENV.items():
+        monkeypatch.setenv(k, v)
+    c = Cluster(tmp_path / "cluster", bin_dir=fake_bin).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def operator(cluster: Cluster) -> Iterator[OperatorRunner]:
+    """The real operator (kopf, in a thread) against `cluster`, watching before the test starts."""
+    runner = OperatorRunner(cluster.url, cluster=cluster).start()
+    try:
+        yield runner
+    finally:
+        runner.stop()

@@ -14,48 +14,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Cluster, OperatorRunner, finetune_job
-from test_operator_lifecycle import FAKE, FAST_ENV, configure, spec, status, wait_phase
+from harness import FAST_ENV, Cluster, OperatorRunner, finetune_job
+from test_operator_lifecycle import configure, spec, status, wait_phase
 
 from finetune_operator import contract
 
 pytestmark = pytest.mark.operator
 IDLE_WINDOW = 4.0  # seconds watched after settling: 8 progress intervals at FINETUNE_RESYNC_SECONDS=0.5
-
-
-@pytest.fixture
-def fake_bin(tmp_path: Path) -> Path:
-    d = tmp_path / "bin"
-    d.mkdir()
-    script = d / "finetune-worker"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    script.chmod(0o755)
-    return d
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    for k, v in FAST_ENV.items():
-        monkeypatch.setenv(k, v)
-    c = Cluster(tmp_path / "cluster", bin_dir=fake_bin).start()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def operator(cluster: Cluster) -> Iterator[OperatorRunner]:
-    runner = OperatorRunner(cluster.url, cluster=cluster).start()
-    try:
-        yield runner
-    finally:
-        runner.stop()
 
 
 def test_no_finalizer_ever_and_deletion_with_the_operator_down_completes_at_once(

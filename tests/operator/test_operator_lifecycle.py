@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,39 +17,6 @@ from harness import Cluster, OperatorRunner, finetune_job
 from finetune_operator import contract
 
 pytestmark = pytest.mark.operator
-FAKE = Path(__file__).with_name("fake_worker.py")
-FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "0.5", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",
-            "FINETUNE_GRACE_SECONDS": "10"}  # fmt: skip
-
-
-@pytest.fixture
-def fake_bin(tmp_path: Path) -> Path:
-    d = tmp_path / "bin"
-    d.mkdir()
-    script = d / "finetune-worker"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    script.chmod(0o755)
-    return d
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, fake_bin: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    for k, v in FAST_ENV.items():
-        monkeypatch.setenv(k, v)
-    c = Cluster(tmp_path / "cluster", bin_dir=fake_bin).start()
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def operator(cluster: Cluster) -> Iterator[OperatorRunner]:
-    runner = OperatorRunner(cluster.url).start()
-    try:
-        yield runner
-    finally:
-        runner.stop()
 
 
 def spec(**over: Any) -> dict[str, Any]:
