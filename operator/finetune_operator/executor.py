@@ -89,6 +89,21 @@ class _Pod:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def read_log_bytes(path: Path, offset: int = 0, tail_lines: int | None = None) -> tuple[bytes, int]:
+    """A log file from byte `offset` on (only its last `tail_lines` lines when given), and the offset
+    to read on from next time. A missing file is an empty log."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        data = b""
+    end = offset + len(data)
+    if tail_lines is not None:
+        data = b"".join(data.splitlines(keepends=True)[-tail_lines:]) if tail_lines > 0 else b""
+    return data, end
+
+
 class LocalPodExecutor:
     """Runs Pod manifests (dicts) as local processes under `root` (see the module docstring).
 
@@ -301,9 +316,9 @@ class LocalPodExecutor:
         lines = text.splitlines(keepends=True)
         return "".join(lines[-tail_lines:])
 
-    def log_bytes(self, name: str, offset: int = 0) -> tuple[bytes, bool]:
-        """The pod's log from byte `offset` on, and whether its process had ended before the read
-        (then the bytes are all there will be): what a follow stream (`kubectl logs -f`) sends.
+    def log_bytes(self, name: str, offset: int = 0, tail_lines: int | None = None) -> tuple[bytes, int, bool]:
+        """What a follow stream (`kubectl logs -f`) sends: see `read_log_bytes`, plus whether the
+        pod's process had ended before the read (then the bytes are all there will be).
 
         Raises:
             KeyError: no such pod.
@@ -312,12 +327,7 @@ class LocalPodExecutor:
         if record is None:
             raise KeyError(name)
         ended = record.done.is_set()
-        try:
-            with (record.dir / "log").open("rb") as f:
-                f.seek(offset)
-                return f.read(), ended
-        except OSError:
-            return b"", ended
+        return (*read_log_bytes(record.dir / "log", offset, tail_lines), ended)
 
     @staticmethod
     def _read_log(record: _Pod) -> str:

@@ -5,7 +5,7 @@ minor) does everything under the wrapper: kubeconfig loading (contexts, CA and c
 tokens, exec credential plugins, OIDC), the in-cluster service account (its token file is re-read
 as the kubelet rotates it), TLS and the HTTP session. The wrapper only names the five calls reconcile
 plans need: create (409 = already there), get (None on 404), list by labels, JSON merge patch
-(status subresource included), delete, a bounded pod log tail and a followed pod log. Requests go through
+(status subresource included), delete, and a followed pod log. Requests go through
 `ApiClient.call_api` with the response unread, so a log that happens to be JSON is not mangled
 by the generated deserializer.
 
@@ -38,10 +38,6 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 
 SERVER_ENV = "FINETUNE_KUBE_SERVER"
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
-LOG_LIMIT_BYTES = 64 * 1024  # a log tail is read for its last progress lines, never more than this
-# A log read that hangs (kubelet unreachable) must not hold a job's pass for long: suspend,
-# deletion and an ended pod are decided in the same pass.
-LOG_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
 # A follow stream lives as long as its pod: no total limit (logfollow.py reopens a silent one).
 FOLLOW_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
 # kopf re-logs-in after this long with in-cluster credentials: the kubelet rotates the mounted
@@ -201,19 +197,16 @@ class Kube:
             await self._streams.close()
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
-                      body: Any = None, content_type: str = "application/json", text: bool = False,
-                      timeout: aiohttp.ClientTimeout = REQUEST_TIMEOUT) -> Any:  # fmt: skip
-        """One API call; returns the decoded JSON (or text). Raises ApiError on a non-2xx answer."""
+                      body: Any = None, content_type: str = "application/json") -> Any:  # fmt: skip
+        """One API call; returns the decoded JSON. Raises ApiError on a non-2xx answer."""
         headers = {"Accept": "application/json, */*", "Content-Type": content_type}
         resp = await self.api.call_api(
             path, method, query_params=list((params or {}).items()), header_params=headers, body=body,
-            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout,
+            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
         )  # fmt: skip
         async with resp:
             raw = await resp.text()
             _raise_for(int(resp.status), str(resp.reason or ""), raw)
-        if text:
-            return raw
         return json.loads(raw) if raw else {}
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -286,11 +279,3 @@ class Kube:
             if int(resp.status) >= 400:
                 _raise_for(int(resp.status), str(resp.reason or ""), await resp.text())
             yield resp.content.iter_any()
-
-    async def pod_log(self, namespace: str, name: str, tail_lines: int = 40,
-                      limit_bytes: int = LOG_LIMIT_BYTES) -> str:  # fmt: skip
-        """The last `tail_lines` lines of the pod's log, at most `limit_bytes`. Raises ApiError
-        (and aiohttp/timeout errors) as they come: the caller decides what an unreadable log means."""
-        params = {"tailLines": str(tail_lines), "limitBytes": str(limit_bytes)}
-        return str(await self.request("GET", resource_path("v1", "pods", namespace, name, "log"),
-                                      params=params, text=True, timeout=LOG_TIMEOUT))  # fmt: skip

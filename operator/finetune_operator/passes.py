@@ -46,8 +46,7 @@ def settings_from_env() -> Settings:
 SETTINGS = settings_from_env()
 SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
 _state: dict[str, Any] = {"kube": None, "locks": {}, "informer": Informer(), "scheduler": None, "task": None,
-                          "paused": False, "prune": None,
-                          "follower": None}
+                          "paused": False, "prune": None, "follower": None}
 
 
 async def _kube() -> Kube:

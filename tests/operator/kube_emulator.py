@@ -196,16 +196,14 @@ class FixedKubernetesEmulator(ObjectStore, kmock.KubernetesEmulator):
         self.log_streams += 1
         resp = aiohttp.web.StreamResponse(headers={"Content-Type": "text/plain"})
         await resp.prepare(request)
-        data, ended = self.kubelet.log_bytes(ns, name, 0)
-        offset = len(data)
-        await resp.write(b"".join(data.splitlines(keepends=True)[-int(tail):]) if tail else data)
+        data, offset, ended = self.kubelet.log_bytes(ns, name, 0, int(tail) if tail else None)
+        await resp.write(data)
         while not ended and self.log_outage is None:
             await asyncio.sleep(FOLLOW_POLL)
             try:
-                data, ended = self.kubelet.log_bytes(ns, name, offset)
+                data, offset, ended = self.kubelet.log_bytes(ns, name, offset)
             except KeyError:
                 break
-            offset += len(data)
             if data:
                 await resp.write(data)
         await resp.write_eof()

@@ -94,8 +94,8 @@ class TestKubelet:
     def logs(self, namespace: str, name: str, tail_lines: int | None) -> str:
         return self.executor.logs(self._local_of(namespace, name), tail_lines)
 
-    def log_bytes(self, namespace: str, name: str, offset: int) -> tuple[bytes, bool]:
-        return self.executor.log_bytes(self._local_of(namespace, name), offset)
+    def log_bytes(self, namespace: str, name: str, offset: int, tail_lines: int | None = None) -> tuple[bytes, int, bool]:
+        return self.executor.log_bytes(self._local_of(namespace, name), offset, tail_lines)
 
     def terminate(self, namespace: str, name: str, grace_seconds: float) -> None:
         local = self._owned.pop((namespace, name), None)

@@ -39,7 +39,7 @@ from typing import Any
 
 from controlplane import ApiClient, ApiError
 
-from finetune_operator.executor import LocalPodExecutor
+from finetune_operator.executor import LocalPodExecutor, read_log_bytes
 
 NODE_NAME = "realapi-node"
 FOLLOW_POLL = 0.1  # seconds between looks at a followed pod's log file
@@ -82,18 +82,16 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
         """`follow=true`: the tail, then what the pod writes, until it ends (HTTP/1.0: the body ends
         when the connection closes). A log outage set meanwhile cuts the stream."""
         self.kubelet.log_streams[(namespace, name)] += 1
-        data, ended = self.kubelet.log_bytes(namespace, name, 0)
-        offset = len(data)
+        data, offset, ended = self.kubelet.log_bytes(namespace, name, 0, tail)
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.end_headers()
         try:
-            self.wfile.write(b"".join(data.splitlines(keepends=True)[-tail:]) if tail else data)
+            self.wfile.write(data)
             self.wfile.flush()
             while not ended and self.kubelet.logs_available and not self.kubelet.closing():
                 time.sleep(FOLLOW_POLL)
-                data, ended = self.kubelet.log_bytes(namespace, name, offset)
-                offset += len(data)
+                data, offset, ended = self.kubelet.log_bytes(namespace, name, offset)
                 if data:
                     self.wfile.write(data)
                     self.wfile.flush()
@@ -374,15 +372,14 @@ class RealApiKubelet:
     def closing(self) -> bool:
         return self._stop.is_set()
 
-    def log_bytes(self, namespace: str, name: str, offset: int) -> tuple[bytes, bool]:
-        """The pod's log from byte `offset`, and whether it had ended (as executor.log_bytes)."""
+    def log_bytes(self, namespace: str, name: str, offset: int,
+                  tail_lines: int | None = None) -> tuple[bytes, int, bool]:  # fmt: skip
+        """As executor.log_bytes, also for a deleted pod (its log is complete)."""
         local = self._local_of(namespace, name)
         try:
-            return self.executor.log_bytes(local, offset)
-        except KeyError:  # a deleted pod: its log is complete
-            with (self.executor.pod_dir(local) / "log").open("rb") as f:
-                f.seek(offset)
-                return f.read(), True
+            return self.executor.log_bytes(local, offset, tail_lines)
+        except KeyError:
+            return (*read_log_bytes(self.executor.pod_dir(local) / "log", offset, tail_lines), True)
 
     def kill(self, namespace: str, name: str, sig: int = signal.SIGKILL) -> None:
         """Deliver a signal to the pod's process (SIGKILL: the whole container), as a node would."""

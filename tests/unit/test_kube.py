@@ -74,6 +74,7 @@ class Seen:
     url: str = ""
     auth: list[str | None] = field(default_factory=list)
     client_cn: list[str | None] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -86,6 +87,7 @@ async def api(pki: Pki) -> AsyncIterator[Seen]:
         cert = request.transport.get_extra_info("peercert") if request.transport else None
         subject = dict(x[0] for x in cert["subject"]) if cert else {}
         seen.client_cn.append(subject.get("commonName"))
+        seen.queries.append(request.query_string)
         if request.match_info.get("sub") == "log":
             return web.Response(text='{"event": "progress", "step": 3}\n')
         return web.json_response({"kind": "Pod", "metadata": {"name": request.match_info["name"]}})
@@ -224,14 +226,16 @@ async def test_kubeconfig_exec_plugin(
 
 
 @needs_openssl
-async def test_pod_log_is_bounded_and_returned_verbatim(api: Seen, pki: Pki, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """A log line that is itself JSON comes back as text (the generated client would parse it)."""
+async def test_a_followed_log_is_returned_verbatim(api: Seen, pki: Pki, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A log line that is itself JSON comes back as bytes (the generated client would parse it),
+    through the streams' own client, with the same credentials."""
     write_kubeconfig(tmp_path / "config", api.url, pki.ca, {"token": "static"})
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
-    async with await kube.Kube.connect() as k:
-        text = await k.pod_log("ml", "p", tail_lines=5)
+    async with await kube.Kube.connect() as k, k.follow_log("ml", "p", tail_lines=5) as chunks:
+        text = b"".join([chunk async for chunk in chunks]).decode()
     assert json.loads(text) == {"event": "progress", "step": 3} and api.auth == ["Bearer static"]
+    assert api.queries == ["follow=true&tailLines=5"]
 
 
 async def test_api_errors_keep_the_status_reason() -> None:
@@ -252,7 +256,9 @@ async def test_api_errors_keep_the_status_reason() -> None:
             with pytest.raises(kube.ApiError) as err:
                 await k.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ml"}})
             assert (err.value.status, err.value.reason) == (403, "Forbidden") and "forbidden" in err.value.message
-            with pytest.raises(kube.ApiError):
-                await k.pod_log("ml", "p")
+            with pytest.raises(kube.ApiError) as err:
+                async with k.follow_log("ml", "p", 40):
+                    pass
+            assert (err.value.status, err.value.reason) == (403, "Forbidden")
     finally:
         await runner.cleanup()
