@@ -26,10 +26,11 @@ import copy
 import datetime as dt
 import json
 import os
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from kubernetes_asyncio import config as kube_config
@@ -168,6 +169,31 @@ def _raise_for(status: int, reason: str, raw: str) -> None:
     raise ApiError(status, reason, message[:500])
 
 
+def env_proxy(server: str) -> str | None:
+    """The proxy for `server` from HTTPS_PROXY/HTTP_PROXY, unless NO_PROXY covers its host: what
+    kubectl (Go's ProxyFromEnvironment) uses, read once."""
+    url = urlsplit(server)
+    proxy = urllib.request.getproxies_environment().get(url.scheme or "https")
+    if not proxy or urllib.request.proxy_bypass(url.hostname or ""):
+        return None
+    return proxy
+
+
+def api_client(cfg: Configuration) -> ApiClient:
+    """kubernetes_asyncio's ApiClient, its environment read once. The library opens its aiohttp
+    session with trust_env=True, so every request looked up ~/.netrc and the proxy variables again,
+    each in a thread-pool hop: a fifth of the operator's CPU with 500 jobs created at once
+    (bench_apiserver.py (b), py-spy). kubectl reads no netrc; its proxy comes from the
+    kubeconfig's proxy-url, else the environment, resolved here once."""
+    proxy = cfg.proxy or env_proxy(str(cfg.host))
+    if proxy:
+        cfg.proxy = proxy
+    api = ApiClient(cfg)  # takes cfg.proxy for every request
+    # aiohttp has no public setter; tests/unit/test_kube.py checks the public `trust_env` reads False
+    api.rest_client.pool_manager._trust_env = False
+    return api
+
+
 _PLURALS = {"Pod": "pods", "PersistentVolumeClaim": "persistentvolumeclaims", "Event": "events"}
 
 
@@ -183,7 +209,7 @@ class Kube:
     @classmethod
     async def connect(cls) -> Kube:
         loaded = await load_configuration()
-        return cls(ApiClient(loaded.configuration), loaded)
+        return cls(api_client(loaded.configuration), loaded)
 
     async def __aenter__(self) -> Kube:
         return self
@@ -267,7 +293,7 @@ class Kube:
         if self._streams is None:
             cfg = copy.copy(self.api.configuration)  # shares api_key: a refreshed token serves both
             cfg.connection_pool_maxsize = 0  # aiohttp: no limit
-            self._streams = ApiClient(cfg)
+            self._streams = api_client(cfg)
             self._streams.user_agent = USER_AGENT
         resp = await self._streams.call_api(
             resource_path("v1", "pods", namespace, name, "log"), "GET",

@@ -192,6 +192,47 @@ async def test_kubeconfig_client_certificate(api: Seen, pki: Pki, tmp_path: Path
     assert info.certificate_path and Path(info.certificate_path).read_bytes() == pki.client_cert.read_bytes()
 
 
+@needs_openssl
+async def test_the_environment_is_read_once_no_netrc_and_no_proxy_lookup_per_request(
+    api: Seen, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kubernetes_asyncio opens its session with trust_env=True: each request then looked up
+    ~/.netrc and the proxy variables in a thread (a fifth of the operator's CPU in a burst), and a
+    netrc entry for the API server's host broke every request ("Cannot combine AUTHORIZATION
+    header with AUTH argument"). kubectl reads no netrc and resolves its proxy once."""
+    cfg = tmp_path / "config"
+    write_kubeconfig(cfg, api.url, pki.ca, {"token": "tok-1"})
+    monkeypatch.setenv("KUBECONFIG", str(cfg))
+    (tmp_path / "netrc").write_text("machine 127.0.0.1 login someone password secret\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with await kube.Kube.connect() as k:
+        assert k.api.rest_client.pool_manager.trust_env is False and not k.api.configuration.proxy
+        assert await k.get("v1", "pods", "ml", "p") == {"kind": "Pod", "metadata": {"name": "p"}}
+        async with k.follow_log("ml", "p", 5) as chunks:  # the streams' own client too
+            assert b"".join([c async for c in chunks]).startswith(b'{"event"')
+    assert api.auth == ["Bearer tok-1", "Bearer tok-1"]
+
+
+async def test_the_proxy_comes_from_the_environment_unless_no_proxy_covers_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert kube.env_proxy("https://api.example.com:6443") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    assert kube.env_proxy("https://api.example.com:6443") == "http://proxy.corp:3128"
+    assert kube.env_proxy("http://api.example.com:8001") is None  # no HTTP_PROXY: an http server goes direct
+    monkeypatch.setenv("NO_PROXY", ".example.com,10.0.0.0/8")
+    assert kube.env_proxy("https://api.example.com:6443") is None
+    for proxy_url, expected in ((None, "http://proxy.corp:3128"), ("http://from-kubeconfig:8080", "http://from-kubeconfig:8080")):
+        cfg = kube.Configuration()
+        cfg.host, cfg.proxy = "https://k8s.internal:6443", proxy_url  # a kubeconfig's proxy-url wins
+        async with kube.api_client(cfg) as client:
+            assert client.configuration.proxy == client.rest_client.proxy == expected
+
+
 EXEC_PLUGIN = """
 import datetime as dt, json, pathlib, sys
 counter = pathlib.Path(sys.argv[1]); n = int(counter.read_text() or 0) + 1 if counter.exists() else 1
