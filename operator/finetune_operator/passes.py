@@ -21,6 +21,7 @@ import kopf
 from . import metrics
 from .builders import DEFAULT_WORKER_IMAGE, LABEL_JOB, LABEL_RANK, claim_name
 from .contract import API_VERSION, PLURAL
+from .eventqueue import EventQueue
 from .informer import Informer, Scheduler
 from .kube import ApiError, Kube, resource_path
 from .logfollow import LogFollower
@@ -46,7 +47,7 @@ def settings_from_env() -> Settings:
 SETTINGS = settings_from_env()
 SAFETY_RESYNC = float(os.environ.get("FINETUNE_SAFETY_RESYNC_SECONDS") or 600)
 _state: dict[str, Any] = {"kube": None, "locks": {}, "informer": Informer(), "scheduler": None, "task": None,
-                          "paused": False, "prune": None, "follower": None}
+                          "paused": False, "prune": None, "follower": None, "events": None}
 
 
 async def _kube() -> Kube:
@@ -81,6 +82,14 @@ def _follower(kube: Kube) -> LogFollower:
                                          describe=_error_text)  # fmt: skip
     follower: LogFollower = _state["follower"]
     return follower
+
+
+def _events(kube: Kube) -> EventQueue:
+    """The operator's Event poster (eventqueue.py), made with the client on first use."""
+    if _state["events"] is None:
+        _state["events"] = EventQueue(kube.create)
+    events: EventQueue = _state["events"]
+    return events
 
 
 async def _claim_exists(kube: Kube, informer: Informer, ns: str, claim: str) -> bool:
@@ -157,8 +166,10 @@ async def _secret_keys(kube: Kube, ns: str, spec: FineTuneSpec) -> dict[str, fro
     return found
 
 
-async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any, informer: Informer | None = None) -> None:
-    """Carry out a plan: creates (409 = already there), deletes, the status patch, Events, TTL."""
+async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any, informer: Informer | None = None,
+                events: EventQueue | None = None) -> None:  # fmt: skip
+    """Carry out a plan: creates (409 = already there), deletes, the status patch, TTL; its Events
+    go to `events` (posted off the pass's path), or are posted here without one."""
     meta = job["metadata"]
     ns, name = meta.get("namespace"), meta["name"]
     for obj in plan.create:
@@ -183,6 +194,9 @@ async def apply(kube: Kube, job: dict[str, Any], plan: Plan, logger: Any, inform
         if informer is not None:
             informer.wrote(str(ns), name, written)
     for event in plan.events:
+        if events is not None:
+            events.put(event)
+            continue
         try:
             await kube.create(event)
         except ApiError as e:  # an Event is best effort; the status already tells the story
@@ -225,7 +239,7 @@ async def reconcile_job(namespace: str, name: str, logger: Any = log) -> Plan | 
             kube = await _kube()
             plan = reconcile(job, await observe(kube, informer, job), dt.datetime.now(dt.timezone.utc), SETTINGS)
             _log_transition(namespace, name, job, plan)
-            await apply(kube, job, plan, logger, informer)
+            await apply(kube, job, plan, logger, informer, _events(kube))
             if plan.phase in TERMINAL_PHASES and (job.get("status") or {}).get("phase") != plan.phase:
                 for other in informer.continuing_from(namespace, name):  # due now, not at their next look
                     _schedule(namespace, other, 0.0)

@@ -354,7 +354,7 @@ def _launch(
         st.setdefault("source", {"job": source.job, "claim": source.claim})
     if role == ROLE_EXPORT:
         p.event("Normal", "ExportStarted", f"created export pod {name} (attempt {attempt})")
-        p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {name} is pending")
+        p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {name} is pending", told=True)
     else:
         what = (
             f"resuming from {resumed}"
@@ -366,7 +366,7 @@ def _launch(
             "Resumed" if attempt > 1 else "Started",
             f"created training pod {name} (attempt {attempt}), {what}",
         )
-        p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, f"training pod {name} created, {what}")
+        p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, f"training pod {name} created, {what}", told=True)
     return p.finish()
 
 
