@@ -201,8 +201,10 @@ async def ftj_claims(namespace: str | None, name: str, **_: Any) -> dict[Any, An
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def on_job_event(type: str | None, name: str, namespace: str | None, **_: Any) -> None:
+async def on_job_event(type: str | None, name: str, namespace: str | None, body: Any, **_: Any) -> None:
     namespace = str(namespace)
+    if type == "MODIFIED" and passes._informer().own_write(namespace, name, body):
+        return  # our own status patch coming back: nothing the writing pass did not know
     if type == "DELETED":
         metrics.observe_phase(namespace, name, None)
         passes._informer().forget_job(namespace, name)
@@ -219,7 +221,10 @@ async def on_pod_event(type: str | None, body: Any, namespace: str | None, **_: 
                   if o.get("apiVersion") == API_VERSION), None)  # fmt: skip
     if owner is None:
         return
-    passes._informer().pod_event(str(namespace), body, deleted=type == "DELETED")
+    informer = passes._informer()
+    if type == "ADDED" and informer.own_create(str(namespace), body):
+        return  # the pod we created, unchanged: the creating pass counted it already
+    informer.pod_event(str(namespace), body, deleted=type == "DELETED")
     if type == "DELETED" and _state["follower"] is not None:
         _state["follower"].stop(str(namespace), body["metadata"]["name"])
     await reconcile_job(str(namespace), owner["name"])

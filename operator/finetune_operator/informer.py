@@ -80,6 +80,15 @@ class Informer:
         if obj.get("metadata"):
             self.written[(namespace, name)] = obj
 
+    def own_write(self, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
+        """Whether a watch event brings back exactly this process's last write of the job (its
+        status patch, same resourceVersion): the pass that wrote it has decided on it already."""
+        mine = self.written.get((namespace, name))
+        if mine is None or _rv(mine) == 0 or _rv(mine) != _rv(body):
+            return False
+        del self.written[(namespace, name)]  # the index has it now
+        return True
+
     def continuing_from(self, namespace: str, name: str) -> list[str]:
         """Jobs in `namespace` whose spec.model.fromJob is `name`."""
         found = []
@@ -112,6 +121,19 @@ class Informer:
         if job:
             expected = self.expected.setdefault((namespace, job), {})
             expected[pod["metadata"]["name"]] = (time.monotonic() + EXPECT_SECONDS, pod)
+
+    def own_create(self, namespace: str, body: Mapping[str, Any]) -> bool:
+        """Whether a pod's watch event is the pod this process created, unchanged since (same
+        resourceVersion): the pass that created it counted it already."""
+        job = (body["metadata"].get("labels") or {}).get(LABEL_JOB)
+        expected = self.expected.get((namespace, str(job)))
+        mine = (expected or {}).get(str(body["metadata"]["name"]))
+        if expected is None or mine is None or _rv(mine[1]) == 0 or _rv(mine[1]) != _rv(body):
+            return False
+        del expected[str(body["metadata"]["name"])]  # the index has it now
+        if not expected:
+            del self.expected[(namespace, str(job))]
+        return True
 
     def pod_event(self, namespace: str, body: Mapping[str, Any], deleted: bool) -> None:
         """Remember an ended pod's last state (it may be gone from the API when reconcile runs)."""

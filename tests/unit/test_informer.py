@@ -100,6 +100,27 @@ def test_a_created_pod_counts_until_the_watch_shows_it() -> None:
     assert inf.pods("ml", "faq") == [{**created, "status": {"phase": "Running"}}] and inf.expected == {}
 
 
+def test_the_echo_of_our_own_write_is_known_and_anything_newer_is_not() -> None:
+    inf = Informer(jobs={})
+    inf.wrote("ml", "faq", body("faq", 11, phase="Pending"))
+    assert not inf.own_write("ml", "faq", body("faq", 12, phase="Pending"))  # someone else's change
+    assert not inf.own_write("ml", "other", body("other", 11))
+    assert inf.own_write("ml", "faq", body("faq", 11, phase="Pending")) and inf.written == {}
+    assert not inf.own_write("ml", "faq", body("faq", 11, phase="Pending"))  # once
+    inf.wrote("ml", "faq", body("faq", 0))  # no resourceVersion to compare: never taken for an echo
+    assert not inf.own_write("ml", "faq", body("faq", 0))
+
+
+def test_the_pod_we_created_is_known_until_it_changes() -> None:
+    inf = Informer(pods={})
+    created = {"metadata": {"name": "faq-train-1", "resourceVersion": "21", "labels": {"finetune.dev/job": "faq"}}}
+    inf.created("ml", created)
+    scheduled = {**created, "metadata": {**created["metadata"], "resourceVersion": "22"}}
+    assert not inf.own_create("ml", scheduled) and inf.expected
+    assert inf.own_create("ml", created) and inf.expected == {}
+    assert not inf.own_create("ml", created)
+
+
 async def test_the_scheduler_runs_each_job_when_due_and_only_then() -> None:
     ran: list[tuple[str, str, float]] = []
     t0 = time.monotonic()
