@@ -50,11 +50,11 @@ from controlplane import OPERATOR_USER, ApiClient, ControlPlane, assets_dir, wai
 from kubelet import RealApiKubelet  # noqa: E402
 from operator_proc import OperatorProcess, audit_events, audit_offset  # noqa: E402
 
+from fakeworker import fake_worker_bin  # noqa: E402
 from finetune_operator import contract  # noqa: E402
 
 SMALL = {"dataset": {"inline": [{"question": "q", "answer": "a"}]}, "resources": {"gpus": 1}}
 GHOST_NODE = "bench-node"  # pods the benchmark plays the kubelet for are bound here (no kubelet)
-FAKE_WORKER = REPO / "tests" / "operator" / "fake_worker.py"
 
 
 def job(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -174,10 +174,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-apiserver-"))
     cp = ControlPlane(assets, root / "cp").start()
     kubelet_root = root / "kubelet"
-    bin_dir = root / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "finetune-worker").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_WORKER}" "$@"\n')
-    (bin_dir / "finetune-worker").chmod(0o755)
+    bin_dir = fake_worker_bin(root / "bin")
     namespaces = {"idle": "bench-idle", "done": "bench-done", "training": "bench-training", "scale": "bench-scale"}
     kubelet = RealApiKubelet(cp.client(user_agent="realapi-kubelet"), kubelet_root, cp.root / "pki", bin_dir)
     kubelet.unscheduled_namespaces.update({namespaces["idle"], namespaces["scale"], namespaces["done"]})

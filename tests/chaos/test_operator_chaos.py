@@ -33,10 +33,10 @@ from conftest import TRIALS, Ledger, trial_rng
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 from harness import Cluster, OperatorRunner, finetune_job
 
+from fakeworker import fake_worker_bin
 from finetune_operator import contract
 
 pytestmark = pytest.mark.operator
-FAKE = Path(__file__).resolve().parents[1] / "operator" / "fake_worker.py"
 FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "0.5", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",
             "FINETUNE_GRACE_SECONDS": "10"}  # fmt: skip
 ACTIONS = ("sigterm", "sigterm", "sigkill", "oom", "evict", "delete", "restart-operator", "operator-down", "idle")
@@ -57,12 +57,7 @@ JOBS = ("alpha", "beta")
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     for k, v in FAST_ENV.items():
         monkeypatch.setenv(k, v)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "finetune-worker"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    script.chmod(0o755)
-    c = Cluster(tmp_path / "cluster", bin_dir=bin_dir).start()
+    c = Cluster(tmp_path / "cluster", bin_dir=fake_worker_bin(tmp_path / "bin")).start()
     try:
         yield c
     finally:

@@ -7,7 +7,6 @@ test that leaves a kopf thread or a pod process behind fails at teardown.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,8 @@ import psutil
 import pytest
 from harness import Cluster, OperatorRunner
 from kubelet_sim import TestKubelet
+
+from fakeworker import fake_worker_bin
 
 
 @pytest.fixture
@@ -81,12 +82,7 @@ __all__ = ["harness", "kube", "kube_options", "kubelet", "run_operator"]
 @pytest.fixture
 def fake_bin(tmp_path: Path) -> Path:
     """A bin directory whose `finetune-worker` is the fake worker."""
-    d = tmp_path / "bin"
-    d.mkdir()
-    script = d / "finetune-worker"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{harness.FAKE}" "$@"\n')
-    script.chmod(0o755)
-    return d
+    return fake_worker_bin(tmp_path / "bin")
 
 
 @pytest.fixture

@@ -280,7 +280,6 @@ class Cluster:
 
 # The fake worker (fake_worker.py) and the operator settings that make tier-3 runs fast: the
 # `fake_bin`, `cluster` and `operator` fixtures of conftest.py use them.
-FAKE = Path(__file__).with_name("fake_worker.py")
 FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "0.5", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",
             "FINETUNE_GRACE_SECONDS": "10"}  # fmt: skip
 

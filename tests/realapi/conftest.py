@@ -25,7 +25,8 @@ from kubelet import RealApiKubelet  # noqa: E402
 from operator_proc import OperatorProcess  # noqa: E402
 from realenv import Env  # noqa: E402
 
-FAKE_WORKER = Path(__file__).resolve().parents[1] / "operator" / "fake_worker.py"
+from fakeworker import fake_worker_bin  # noqa: E402
+
 FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "1", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",
             "FINETUNE_GRACE_SECONDS": "10"}  # fmt: skip
 
@@ -55,10 +56,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 
 @pytest.fixture(scope="session")
 def kubelet(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealApiKubelet]:
-    bin_dir = tmp_path_factory.mktemp("realapi-bin")
-    shim = bin_dir / "finetune-worker"
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_WORKER}" "$@"\n')
-    shim.chmod(0o755)
+    bin_dir = fake_worker_bin(tmp_path_factory.mktemp("realapi-bin"))
     k = RealApiKubelet(control_plane.client(user_agent="realapi-kubelet"), tmp_path_factory.mktemp("kubelet"),
                        control_plane.root / "pki", bin_dir=bin_dir).start()  # fmt: skip
     try:

@@ -6,18 +6,17 @@ from __future__ import annotations
 import io
 import json
 import signal
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
+from fakeworker import fake_worker_bin
 from finetune_operator.executor import wait_until
 from finetune_operator.local import LocalRunner, load_job, main
 from finetune_operator.reconcile import Settings
 
-FAKE = Path(__file__).parents[1] / "operator" / "fake_worker.py"
 FAST = Settings(worker_image="local", grace_seconds=10, backoff_base=0.1, backoff_max=0.2,
                 progress_interval=0.1, pending_interval=0.1)  # fmt: skip
 JOB = {
@@ -29,11 +28,7 @@ JOB = {
 
 @pytest.fixture
 def fake_bin(tmp_path: Path) -> Path:
-    d = tmp_path / "bin"
-    d.mkdir()
-    (d / "finetune-worker").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
-    (d / "finetune-worker").chmod(0o755)
-    return d
+    return fake_worker_bin(tmp_path / "bin")
 
 
 def runner(tmp_path: Path, fake_bin: Path, cfg: dict | None = None) -> tuple[LocalRunner, io.StringIO]:
