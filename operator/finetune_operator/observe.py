@@ -6,8 +6,9 @@ what the fetched data means, so the classification table is testable without a c
 Every ending is one of the results in contract.py:
   completed  exit 0
   preempted  exit 75: the worker checkpointed on SIGTERM and stopped (does not consume backoffLimit)
-  evicted    pod reason Evicted / NodeLost / Shutdown, a DisruptionTarget condition, or a pod that
-             vanished before it finished (does not consume backoffLimit)
+  evicted    pod reason Evicted / NodeLost / Shutdown, a DisruptionTarget condition, a pod that
+             vanished before it finished, or one that failed while being deleted (exit 143 or 137
+             from its deletion's SIGTERM/SIGKILL) (does not consume backoffLimit)
   oomkilled  container reason OOMKilled (consumes backoffLimit)
   invalid    exit 2: invalid config or data, permanent
   failed     anything else (consumes backoffLimit)
@@ -219,6 +220,10 @@ def observe_pod(pod: dict[str, Any], log_tail: str | None = None, log_error: str
     labels = meta.get("labels") or {}
     status = pod.get("status") or {}
     result, code, reason = classify(status)
+    if result == RESULT_FAILED and meta.get("deletionTimestamp"):
+        # ended by its deletion (kubectl delete, a drain, a suspend: SIGTERM, or SIGKILL after the
+        # grace period; an export has no graceful stop): an interruption, as for an Evicted pod
+        result, reason = RESULT_EVICTED, "Deleted"
     term = _terminated(status) or {}
     raw = str(term.get("message") or "")
     summary = parse_summary(raw)

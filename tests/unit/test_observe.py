@@ -85,6 +85,24 @@ def test_deleting_and_waiting_pods() -> None:
     assert obs.deleting and not obs.ended and obs.waiting_reason == "ImagePullBackOff"
 
 
+def test_a_pod_that_fails_while_being_deleted_was_interrupted_not_failed() -> None:
+    """kubectl delete pod (or a drain without the Eviction API): the export has no graceful stop and
+    exits 143, a pod past its grace period 137. README: a deleted pod is evicted, not a failure."""
+    def ended(code: int, deleting: bool, reason: str = "Error") -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": "j-export-1", "labels": {"finetune.dev/role": "export", "finetune.dev/attempt": "1"}}
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        term = {"exitCode": code, "reason": reason}
+        return {"metadata": meta, "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": term}}]}}
+
+    assert (observe_pod(ended(143, True)).result, observe_pod(ended(143, True)).reason) == ("evicted", "Deleted")
+    assert observe_pod(ended(137, True)).result == "evicted"
+    assert observe_pod(ended(143, False)).result == "failed"  # a SIGTERM from elsewhere is still a failure
+    assert observe_pod(ended(2, True)).result == "invalid"  # what the worker said stands
+    assert observe_pod(ended(137, True, "OOMKilled")).result == "oomkilled"
+    assert observe_pod(ended(75, True)).result == "preempted"
+
+
 def test_export_stage_is_read_from_the_export_pods_log() -> None:
     tail = "\n".join([json.dumps({"event": "export", "stage": "merged"}), json.dumps({"event": "export", "stage": "verified",
                       "maxDeviation": 1e-7}), "INFO something"])  # fmt: skip
