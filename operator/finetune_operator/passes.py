@@ -22,11 +22,12 @@ from . import metrics
 from .builders import DEFAULT_WORKER_IMAGE, LABEL_JOB, LABEL_RANK, claim_name
 from .contract import API_VERSION, PLURAL
 from .eventqueue import EventQueue
+from .fromjob import recorded_source
 from .informer import Informer, Scheduler
 from .kube import ApiError, Kube, resource_path
 from .logfollow import LogFollower
 from .observe import LOG_TAIL_LINES, Observed, observe_pod
-from .reconcile import Plan, Settings, reconcile, recorded_source
+from .reconcile import Plan, Settings, reconcile
 from .spec import FineTuneSpec, SpecError, parse_spec
 from .status import PHASE_SUSPENDED, REASON_CONFIG_TOO_LARGE, REASON_INVALID_SPEC, TERMINAL_PHASES
 

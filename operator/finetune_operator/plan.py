@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import status as S
 from .builders import DEFAULT_WORKER_IMAGE, build_event, rfc3339
+from .observe import PodObservation
 
 MAX_ATTEMPT_HISTORY = 100
 
@@ -107,6 +109,40 @@ class Pass:
                 reason if warn or phase == S.PHASE_SUSPENDED else phase,
                 message,
             )
+
+    def stop(self, live: Iterable[PodObservation]) -> None:
+        """Delete every live pod not already being deleted (graceful: the worker checkpoints)."""
+        for pod in live:
+            if not pod.deleting:
+                self.plan.delete.append(Delete("Pod", pod.name, self.settings.grace_seconds))
+
+    def invalid(self, live: Iterable[PodObservation], reason: str, message: str) -> Plan:
+        """Failed for the spec (fixed by editing it: no TTL, a permanent error for the caller)."""
+        self.stop(live)
+        self.phase(S.PHASE_FAILED, reason, message)
+        self.plan.permanent_error = message
+        return self.finish()
+
+    def fail(self, live: Iterable[PodObservation], reason: str, message: str) -> Plan:
+        """Failed for good: pods stopped, no next attempt, the TTL counted from now."""
+        self.stop(live)
+        self.st.pop("nextAttemptAfter", None)
+        self.phase(S.PHASE_FAILED, reason, message)
+        self.ttl()
+        return self.finish()
+
+    def ttl(self) -> None:
+        """spec.ttlSecondsAfterFinished of a finished job: delete it when due, else look again then."""
+        ttl = (self.job.get("spec") or {}).get("ttlSecondsAfterFinished")
+        done = parse_time(self.st.get("completionTime"))
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or done is None:
+            return
+        ttl = min(ttl, 2**31 - 1)  # the parser caps it; a finished job's spec is not re-parsed
+        remaining = (done + dt.timedelta(seconds=ttl) - self.now).total_seconds()
+        if remaining <= 0:
+            self.plan.delete_job = True
+        else:
+            self.plan.requeue_after = remaining
 
     def finish(self) -> Plan:
         self.st["attempts"] = self.st["attempts"][-MAX_ATTEMPT_HISTORY:]

@@ -12,7 +12,7 @@ Lifecycle: Pending -> Training -> Exporting -> Succeeded, with Failed and Suspen
   - Export failures retry the export only (their own count against backoffLimit).
   - Never two workers on one workspace: no pod starts while another of the job's pods still runs
     or terminates.
-  - `spec.model.fromJob`: the source FineTuneJob (same namespace, read by the caller into
+  - `spec.model.fromJob` (fromjob.py): the source FineTuneJob (same namespace, read by the caller into
     `observed.source_job`) gates every launch of a pod that reads its export (training; export of a
     LoRA job, which merges onto it). Missing or not Succeeded yet -> wait (WaitingForSourceJob,
     looked at again every pending_interval: GitOps applies both jobs at once); Failed ->
@@ -39,11 +39,11 @@ from .builders import (
     SourceWorkspace,
     build_pod,
     build_pvc,
-    claim_name,
     config_too_large,
     needs_source,
 )
 from .contract import RESULT_COMPLETED, RESULT_INVALID
+from .fromjob import source_workspace
 from .observe import Observed, PodObservation
 from .plan import Delete, Pass, Plan, Settings, describe, parse_time
 from .remote import missing_secrets
@@ -75,9 +75,9 @@ def reconcile(
         spec = parse_spec(job.get("spec"))
         too_large = config_too_large(job)
     except SpecError as e:
-        return _invalid(p, live, S.REASON_INVALID_SPEC, f"invalid spec: {e}")
+        return p.invalid(live, S.REASON_INVALID_SPEC, f"invalid spec: {e}")
     if too_large:
-        return _invalid(p, live, S.REASON_CONFIG_TOO_LARGE, too_large)
+        return p.invalid(live, S.REASON_CONFIG_TOO_LARGE, too_large)
 
     members: dict[str, list[str]] = {}
     if spec.distributed.nodes > 1:  # a gang per attempt, seen as one pod (gang.py)
@@ -108,7 +108,7 @@ def _decide(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObser
         return _succeeded(p, spec, live)
     invalid = [a for a in attempts if a.get("result") == RESULT_INVALID]
     if invalid:
-        return _fail(p, live, S.REASON_INVALID_DATA,
+        return p.fail(live, S.REASON_INVALID_DATA,
                      f"{invalid[-1].get('role', 'worker')} pod {invalid[-1].get('pod')} rejected its input "
                      f"(exit 2, not retried): {invalid[-1].get('message') or 'no message'}")  # fmt: skip
     for role, counter, reason in ((ROLE_TRAIN, "failures", S.REASON_BACKOFF_LIMIT),
@@ -116,7 +116,7 @@ def _decide(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObser
         if st[counter] > spec.backoff_limit:
             last = [a for a in attempts if a.get("role") == role and a.get("result")][-1:]
             detail = describe(last[0]) if last else ""
-            return _fail(p, live, reason, f"{'training' if role == ROLE_TRAIN else 'export'} failed {st[counter]} times "
+            return p.fail(live, reason, f"{'training' if role == ROLE_TRAIN else 'export'} failed {st[counter]} times "
                                           f"(backoffLimit {spec.backoff_limit}); last attempt: {detail}")  # fmt: skip
     if spec.suspend:
         return _suspend(p, live)
@@ -135,52 +135,18 @@ def _fixed_invalid_spec(job: dict[str, Any], status: dict[str, Any]) -> bool:
     )
 
 
-def _stop_live(p: Pass, live: list[PodObservation]) -> None:
-    for pod in live:
-        if not pod.deleting:
-            p.plan.delete.append(Delete("Pod", pod.name, p.settings.grace_seconds))
-
-
-def _invalid(p: Pass, live: list[PodObservation], reason: str, message: str) -> Plan:
-    _stop_live(p, live)
-    p.phase(S.PHASE_FAILED, reason, message)
-    p.plan.permanent_error = message
-    return p.finish()
-
-
-def _fail(p: Pass, live: list[PodObservation], reason: str, message: str) -> Plan:
-    _stop_live(p, live)
-    p.st.pop("nextAttemptAfter", None)
-    p.phase(S.PHASE_FAILED, reason, message)
-    _ttl(p)
-    return p.finish()
-
-
 def _terminal(p: Pass, live: list[PodObservation]) -> Plan:
-    _stop_live(p, live)
-    _ttl(p)
+    p.stop(live)
+    p.ttl()
     return p.finish()
-
-
-def _ttl(p: Pass) -> None:
-    ttl = (p.job.get("spec") or {}).get("ttlSecondsAfterFinished")
-    done = parse_time(p.st.get("completionTime"))
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or done is None:
-        return
-    ttl = min(ttl, 2**31 - 1)  # the parser caps it; a finished job's spec is not re-parsed
-    remaining = (done + dt.timedelta(seconds=ttl) - p.now).total_seconds()
-    if remaining <= 0:
-        p.plan.delete_job = True
-    else:
-        p.plan.requeue_after = remaining
 
 
 def _succeeded(p: Pass, spec: FineTuneSpec, live: list[PodObservation]) -> Plan:
-    _stop_live(p, live)
+    p.stop(live)
     p.st.pop("nextAttemptAfter", None)
     path = (p.st.get("export") or {}).get("path")
     p.phase(S.PHASE_SUCCEEDED, S.REASON_EXPORTED, f"exported to {path}" if path else "exported")
-    _ttl(p)
+    p.ttl()
     return p.finish()
 
 
@@ -188,7 +154,7 @@ def _suspend(p: Pass, live: list[PodObservation]) -> Plan:
     for rec in p.st["attempts"]:
         if not rec.get("result") and any(pod.name == rec.get("pod") for pod in live):
             rec["suspended"] = True
-    _stop_live(p, live)
+    p.stop(live)
     p.st.pop("nextAttemptAfter", None)
     ckpt = (p.st.get("checkpoint") or {}).get("name")
     if live:
@@ -232,7 +198,7 @@ def _run(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObservat
         return p.finish()
     source = None
     if needs_source(spec, role):
-        gate = _source_workspace(p, spec, role, observed, live)
+        gate = source_workspace(p, spec, role, observed, live)
         if isinstance(gate, Plan):
             return gate
         source = gate
@@ -244,78 +210,6 @@ def _run(p: Pass, spec: FineTuneSpec, observed: Observed, live: list[PodObservat
             return p.finish()
         p.plan.create.append(build_pvc(p.job, spec))
     return _launch(p, spec, role, observed, source)
-
-
-def recorded_source(status: dict[str, Any], job: str) -> SourceWorkspace | None:
-    """The fromJob source recorded in status when training first started from it, if any."""
-    rec = status.get("source") or {}
-    if isinstance(rec, dict) and rec.get("job") == job and rec.get("claim"):
-        return SourceWorkspace(job=job, claim=str(rec["claim"]))
-    return None
-
-
-def _source_workspace(
-    p: Pass, spec: FineTuneSpec, role: str, observed: Observed, live: list[PodObservation]
-) -> SourceWorkspace | Plan:
-    """The fromJob source's workspace when its export can be mounted, else the waiting/failed plan."""
-    name, me = str(spec.model.from_job), str(p.job["metadata"]["name"])
-    field = "spec.model.fromJob"
-    if name == me:
-        return _invalid(p, live, S.REASON_INVALID_SPEC, f"{field}: a job cannot continue from itself")
-    recorded = recorded_source(p.st, name)
-    if recorded is not None:
-        # every later attempt (a resumed training pod, the export) starts from the model the first
-        # training pod started from, even if the source job has been deleted (its claim is kept
-        # by default) or re-created since
-        if observed.source_claim_exists is False:
-            return _fail(p, live, S.REASON_SOURCE_EXPORT_MISSING,
-                         f"PersistentVolumeClaim {recorded.claim}, the workspace of source job {name} ({field}) "
-                         "this job started from, is gone (deleted with the source job under reclaimPolicy "
-                         "Delete?); the model cannot be continued without it")  # fmt: skip
-        return recorded
-    src = observed.source_job
-    if src is None:
-        ns = p.job["metadata"].get("namespace") or "default"
-        return _wait_for_source(p, role, f"waiting for FineTuneJob {name} ({field}): "
-                                         f"it does not exist in namespace {ns}")  # fmt: skip
-    try:
-        src_spec: FineTuneSpec | None = parse_spec(src.get("spec"))
-    except SpecError:
-        src_spec = None
-    claim = claim_name(name, src_spec) if src_spec is not None else None
-    if claim is not None and claim == claim_name(me, spec):
-        return _invalid(p, live, S.REASON_INVALID_SPEC,
-                        f"spec.storage.claimName: {claim} is also the workspace of the source job {name} "
-                        f"({field}); the two jobs would share checkpoints, final/ and export/: "
-                        "give this job its own claim")  # fmt: skip
-    sst = src.get("status") or {}
-    phase = sst.get("phase")
-    if phase == S.PHASE_FAILED:
-        return _fail(p, live, S.REASON_SOURCE_FAILED,
-                     f"source job {name} ({field}) failed ({sst.get('reason')}): {sst.get('message')}")  # fmt: skip
-    if phase != S.PHASE_SUCCEEDED:
-        state = f"{phase} ({sst['reason']})" if phase and sst.get("reason") else (phase or "not started")
-        return _wait_for_source(
-            p, role, f"waiting for FineTuneJob {name} ({field}) to succeed; it is {state}"
-        )
-    if src_spec is None or claim is None:
-        return _fail(p, live, S.REASON_SOURCE_EXPORT_MISSING,
-                     f"source job {name} ({field}) succeeded but its spec is no longer valid")  # fmt: skip
-    formats = (sst.get("export") or {}).get("formats")
-    formats = list(formats) if isinstance(formats, list) else list(src_spec.export.formats)
-    if "sentence-transformers" not in formats:
-        return _fail(p, live, S.REASON_SOURCE_EXPORT_MISSING,
-                     f"source job {name} ({field}) succeeded without a sentence-transformers export "
-                     f"(it exported {', '.join(map(str, formats)) or 'nothing'}); a continuation starts from that "
-                     f"format: add sentence-transformers to {name}'s spec.export.formats and run it again")  # fmt: skip
-    return SourceWorkspace(job=name, claim=claim)
-
-
-def _wait_for_source(p: Pass, role: str, message: str) -> Plan:
-    phase = S.PHASE_EXPORTING if role == ROLE_EXPORT else S.PHASE_PENDING
-    p.phase(phase, S.REASON_WAITING_FOR_SOURCE, message, announce=True)
-    p.plan.requeue_after = p.settings.pending_interval
-    return p.finish()
 
 
 def _launch(
