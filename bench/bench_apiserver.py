@@ -13,8 +13,12 @@ request names, and the operator's requests with no jobs at all are measured firs
       server's own apiserver_request_total delta over the same window, all clients.
   (b) 500 jobs applied at once: per-job latency from the job's ADDED event to its training pod's,
       both on the watches of one observer process (so the delivery of a watch event counts on
-      both ends, and the creating threads' GIL on neither), p50 and p99; operator CPU-seconds per job and the ratio to the API
-      server's (+ etcd's) CPU-seconds over the same interval.
+      both ends, and the creating threads' GIL on neither), p50 and p99; operator CPU-seconds per
+      job and the ratio to the API server's (+ etcd's) CPU-seconds over the same interval; the
+      operator's requests per job. The same burst is served first by bench/floor.py (the operator's
+      decisions and client with nothing else: no kopf, no caches, one task per job), the baseline of
+      the same run: operator / floor says what the operator adds to what the server and this
+      machine allow.
   (c) operator RSS per job (growth from the empty operator to all jobs present, over the jobs).
       (b) and (c)'s second figure use a fresh operator that serves only the 500 jobs' namespace.
   (d) operator log lines per job per hour at steady state (the idle window of (a)).
@@ -34,13 +38,17 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "realapi"))
@@ -79,6 +87,17 @@ def count_requests(cp: ControlPlane, start: int, end: int) -> tuple[collections.
         if user == OPERATOR_USER:
             by_ns[(ev.get("objectRef") or {}).get("namespace") or "(cluster)"] += 1
     return by_ns, by_user
+
+
+def operator_requests(cp: ControlPlane, start: int, ns: str) -> collections.Counter[str]:
+    """The operator's requests in namespace `ns` from byte `start` on, by "verb resource[/subresource]"."""
+    out: collections.Counter[str] = collections.Counter()
+    for _offset, ev in audit_events(cp.audit_log, start):
+        ref = ev.get("objectRef") or {}
+        if ev.get("user", {}).get("username") == OPERATOR_USER and ref.get("namespace") == ns:
+            sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
+            out[f"{ev.get('verb')} {ref.get('resource')}{sub}"] += 1
+    return out
 
 
 def request_total(api: ApiClient) -> float:
@@ -154,6 +173,46 @@ def apf_rejected(api: ApiClient) -> float:
                if line.startswith("apiserver_flowcontrol_rejected_requests_total{"))  # fmt: skip
 
 
+def cpu_of(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def burst(cp: ControlPlane, api: ApiClient, ns: str, n: int, cpu: Callable[[], float]) -> dict[str, Any]:
+    """`n` jobs created at once in `ns`, served by the controller whose CPU-seconds `cpu` reads:
+    latencies (job ADDED -> training pod ADDED), CPU, requests per job, all from one run."""
+    rejected0, offset = apf_rejected(api), audit_offset(cp.audit_log)
+    fork = multiprocessing.get_context("fork")
+    ready, stop, out = fork.Event(), fork.Event(), fork.Queue()
+    observer = fork.Process(target=observe_adds, args=(api, ns, ready, stop, out), daemon=True)
+    observer.start()
+    ready.wait(30)
+    cpu0, cpu_as0, cpu_etcd0 = cpu(), cp.apiserver_cpu_seconds(), cp.etcd_cpu_seconds()
+    t0 = time.monotonic()
+    names = [f"s-{i:04d}" for i in range(n)]
+    create_jobs(api, ns, names, SMALL)
+    t_created = time.monotonic()
+    wait_for(lambda: len(api.list("v1", "pods", ns)) >= n, 600, 0.5, what=f"{n} training pods in {ns}")
+
+    def settled() -> bool:
+        return all((j.get("status") or {}).get("attempts") for j in api.list(contract.API_VERSION, contract.PLURAL, ns))
+
+    wait_for(settled, 600, 1, what=f"every job's status in {ns} with its first attempt")
+    t_all = time.monotonic()
+    time.sleep(5)  # trailing Events
+    used, cpu_as, cpu_etcd = cpu() - cpu0, cp.apiserver_cpu_seconds() - cpu_as0, cp.etcd_cpu_seconds() - cpu_etcd0
+    stop.set()
+    seen = out.get(timeout=30)
+    observer.join(10)
+    lat = [seen["pods"][f"{name}-train-1"] - seen["jobs"][name] for name in names
+           if f"{name}-train-1" in seen["pods"] and name in seen["jobs"]]  # fmt: skip
+    reqs = operator_requests(cp, offset, ns)
+    return {"n": len(lat), "p50": statistics.median(lat), "p99": pct(lat, 0.99), "max": max(lat),
+            "create_s": t_created - t0, "all_s": t_all - t0, "cpu": used, "cpu_as": cpu_as, "cpu_etcd": cpu_etcd,
+            "rejected": apf_rejected(api) - rejected0, "requests": f"{sum(reqs.values()) / n:.2f} ("
+            + ", ".join(f"{k} {v / n:.2f}" for k, v in reqs.most_common()) + ")"}  # fmt: skip
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -175,9 +234,10 @@ def main() -> int:
     cp = ControlPlane(assets, root / "cp").start()
     kubelet_root = root / "kubelet"
     bin_dir = fake_worker_bin(root / "bin")
-    namespaces = {"idle": "bench-idle", "done": "bench-done", "training": "bench-training", "scale": "bench-scale"}
+    namespaces = {"idle": "bench-idle", "done": "bench-done", "training": "bench-training", "scale": "bench-scale",
+                  "floor": "bench-floor"}
     kubelet = RealApiKubelet(cp.client(user_agent="realapi-kubelet"), kubelet_root, cp.root / "pki", bin_dir)
-    kubelet.unscheduled_namespaces.update({namespaces["idle"], namespaces["scale"], namespaces["done"]})
+    kubelet.unscheduled_namespaces.update({namespaces[k] for k in ("idle", "scale", "done", "floor")})
     api = cp.client(user_agent="bench")
     op: OperatorProcess | None = None
     try:
@@ -240,49 +300,32 @@ def main() -> int:
         rss1 = op.rss()
         cpu_a = op.cpu_seconds()
         op.kill()
-        # (b) 500 jobs applied at once, to a fresh operator serving only their namespace (the
-        # population of (a) would otherwise keep it busy: that is (a)'s figure, not this one's)
+        # (b) 500 jobs applied at once: first to the floor (bench/floor.py), then to a fresh operator
+        # serving only their namespace (the population of (a) would otherwise keep it busy: that is
+        # (a)'s figure, not this one's)
+        floor = subprocess.Popen([sys.executable, str(Path(__file__).with_name("floor.py")), namespaces["floor"]],
+                                 env={**os.environ, "KUBECONFIG": str(cp.kubeconfig_path("operator"))},
+                                 stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        try:
+            assert floor.stdout is not None and floor.stdout.readline().strip() == b"watching", "bench/floor.py did not start"
+            fb = burst(cp, api, namespaces["floor"], args.scale, lambda: cpu_of(floor.pid))
+        finally:
+            floor.kill()
+            floor.wait(10)
         op = OperatorProcess(cp, [namespaces["scale"]], env={}, log=root / "operator-scale.log")
         op.start(120)
         time.sleep(5)
         rss_b0 = op.rss()
-        rejected0 = apf_rejected(api)
-        fork = multiprocessing.get_context("fork")
-        ready, stop, out = fork.Event(), fork.Event(), fork.Queue()
-        observer = fork.Process(target=observe_adds, args=(api, namespaces["scale"], ready, stop, out), daemon=True)
-        observer.start()
-        ready.wait(30)
-        cpu_op0, cpu_as0, cpu_etcd0 = op.cpu_seconds(), cp.apiserver_cpu_seconds(), cp.etcd_cpu_seconds()
-        t_b0 = time.monotonic()
-        names = [f"s-{i:04d}" for i in range(args.scale)]
-        create_jobs(api, namespaces["scale"], names, SMALL)
-        t_created = time.monotonic()
-        wait_for(lambda: len(api.list("v1", "pods", namespaces["scale"])) >= args.scale, 600, 0.5,
-                 what=f"{args.scale} training pods")  # fmt: skip
-
-        def settled() -> bool:
-            jobs = api.list(contract.API_VERSION, contract.PLURAL, namespaces["scale"])
-            return all((j.get("status") or {}).get("attempts") for j in jobs)
-
-        wait_for(settled, 600, 1, what="every job's status with its first attempt")
-        t_b1 = time.monotonic()
-        time.sleep(5)  # trailing Events
-        cpu_op = op.cpu_seconds() - cpu_op0
-        cpu_as = cp.apiserver_cpu_seconds() - cpu_as0
-        cpu_etcd = cp.etcd_cpu_seconds() - cpu_etcd0
-        stop.set()
-        seen = out.get(timeout=30)
-        observer.join(10)
-        lat = [seen["pods"][f"{n}-train-1"] - seen["jobs"][n] for n in names
-               if f"{n}-train-1" in seen["pods"] and n in seen["jobs"]]  # fmt: skip
-        print(f"\n(b) {args.scale} jobs applied at once (16 concurrent creates, {t_created - t_b0:.1f} s to create):")
-        print(f"    job ADDED -> training pod ADDED, on one observer's watches ({len(lat)} jobs): p50 {statistics.median(lat):.3f} s, "
-              f"p99 {pct(lat, 0.99):.3f} s, max {max(lat):.3f} s  (today's goal: p99 <= 1 s)")
-        print(f"    all pods + statuses written in {t_b1 - t_b0:.1f} s; requests rejected by API Priority and "
-              f"Fairness meanwhile: {apf_rejected(api) - rejected0:.0f}")
-        print(f"    operator CPU {cpu_op:.1f} s = {cpu_op / args.scale * 1000:.1f} ms/job; kube-apiserver CPU "
-              f"{cpu_as:.1f} s, etcd {cpu_etcd:.1f} s; operator/apiserver = {cpu_op / max(cpu_as, 1e-9):.2f}, "
-              f"operator/(apiserver+etcd) = {cpu_op / max(cpu_as + cpu_etcd, 1e-9):.2f}")
+        ob = burst(cp, api, namespaces["scale"], args.scale, op.cpu_seconds)
+        print(f"\n(b) {args.scale} jobs applied at once (16 concurrent creates), job ADDED -> training pod ADDED on one "
+              f"observer's watches (today's goal: the operator's p99 <= 1 s)")  # fmt: skip
+        for who, b in (("floor", fb), ("operator", ob)):
+            print(f"    {who:8s} p50 {b['p50']:.3f} s, p99 {b['p99']:.3f} s, max {b['max']:.3f} s ({b['n']} jobs; "
+                  f"created in {b['create_s']:.1f} s, all written in {b['all_s']:.1f} s); CPU {b['cpu'] / args.scale * 1000:.1f} "
+                  f"ms/job = {b['cpu'] / max(b['cpu_as'], 1e-9):.2f} x kube-apiserver's {b['cpu_as']:.1f} s (etcd "
+                  f"{b['cpu_etcd']:.1f} s); requests per job {b['requests']}")  # fmt: skip
+        print(f"    operator / floor: p50 {ob['p50'] / fb['p50']:.2f}, p99 {ob['p99'] / fb['p99']:.2f}; requests rejected by "
+              f"API Priority and Fairness: {fb['rejected'] + ob['rejected']:.0f}")  # fmt: skip
         rss2 = op.rss()
         print(f"\n(c) operator RSS: {rss0 / 2**20:.0f} MiB empty -> {rss1 / 2**20:.0f} MiB with the {jobs_now} jobs of (a): "
               f"{(rss1 - rss0) / max(jobs_now, 1) / 1024:.0f} KiB per job; {rss_b0 / 2**20:.0f} MiB empty -> {rss2 / 2**20:.0f} MiB "
