@@ -137,8 +137,9 @@ async def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     _state["prune"] = asyncio.create_task(passes.prune_loop(), name="finetune-cache-check")
     logging.getLogger("kopf.objects").addFilter(QUIET_SUCCESS)
     settings.posting.level = max(settings.posting.level, logging.WARNING)  # we post our own Events
-    settings.watching.server_timeout = settings.watching.server_timeout or 300
-    settings.watching.client_timeout = settings.watching.client_timeout or 330
+    watch_timeout = int(os.environ.get("FINETUNE_WATCH_TIMEOUT_SECONDS") or 300)  # timeoutSeconds: an integer
+    settings.watching.server_timeout = settings.watching.server_timeout or watch_timeout
+    settings.watching.client_timeout = settings.watching.client_timeout or watch_timeout + 30
     settings.watching.connect_timeout = settings.watching.connect_timeout or 30
     settings.networking.request_timeout = min(settings.networking.request_timeout or 60, 60)
     # watch only our pods and claims, server-side: a cluster's others cost neither bandwidth nor memory

@@ -9,41 +9,32 @@ plans need: create (409 = already there), get (None on 404), list by labels, JSO
 `ApiClient.call_api` with the response unread, so a log that happens to be JSON is not mangled
 by the generated deserializer.
 
-Where to connect, first match wins:
-  1. env FINETUNE_KUBE_SERVER: a plain URL, no auth (the tier-3 emulator, `kubectl proxy`);
-  2. the in-cluster service account (KUBERNETES_SERVICE_HOST, the mounted token and CA);
-  3. a kubeconfig (env KUBECONFIG or ~/.kube/config), current context, as kubectl reads it.
-
-kopf logs in with the same credentials: `credentials()` turns the loaded configuration into what
-its login handler returns (handlers.login), with an expiration so kopf logs in again when a
-token is due to rotate.
+Where to connect and with which credentials, and how they stay fresh: kubeauth.py. When an exec
+plugin's client certificate is replaced, the client builds a new session for it (the old one's
+TLS context holds the old certificate); a 401 with such a certificate runs the plugin again and
+the request once more.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
 import json
-import os
 import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
-from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config.config_exception import ConfigException
 
-SERVER_ENV = "FINETUNE_KUBE_SERVER"
+from .kubeauth import SERVER_ENV, Credentials, Loaded, credentials, load_configuration, refresh_exec_cert
+
+__all__ = ["SERVER_ENV", "ApiClient", "ApiError", "Configuration", "Credentials", "Kube", "Loaded", "api_client",
+           "credentials", "env_proxy", "load_configuration", "resource_path"]  # fmt: skip
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 # A follow stream lives as long as its pod: no total limit (logfollow.py reopens a silent one).
 FOLLOW_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
-# kopf re-logs-in after this long with in-cluster credentials: the kubelet rotates the mounted
-# token well before its (>= 1 h) expiry, and the library re-reads the file every minute.
-IN_CLUSTER_RELOGIN = dt.timedelta(minutes=10)
 USER_AGENT = "finetune-operator"
 
 
@@ -55,93 +46,6 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What kopf's login needs, taken from the client's loaded configuration."""
-
-    server: str
-    ca_path: str | None = None
-    insecure: bool = False
-    token: str | None = None
-    certificate_path: str | None = None
-    private_key_path: str | None = None
-    expiration: dt.datetime | None = None
-
-
-@dataclass
-class Loaded:
-    """A kubernetes_asyncio Configuration and how it was found (`source`)."""
-
-    configuration: Configuration
-    source: str  # "env" | "in-cluster" | "kubeconfig"
-    loader: Any = None  # the KubeConfigLoader, for exec plugin expiry
-
-
-def _exec_refresher(loader: Any) -> Any:
-    """An async refresh hook: re-run the kubeconfig's exec plugin once its credential expires
-    (the library caches it until `expirationTimestamp`)."""
-
-    async def refresh(configuration: Configuration, *_: Any) -> None:
-        if hasattr(loader, "exec_plugin_expiry"):
-            await loader.load_from_exec_plugin()  # returns at once while not expired
-            configuration.api_key["BearerToken"] = loader.token
-
-    return refresh
-
-
-async def load_configuration() -> Loaded:
-    """Find the API server (see the module docstring).
-
-    Raises:
-        RuntimeError: no server found, or the kubeconfig/service account is unusable.
-    """
-    cfg = Configuration()
-    if os.environ.get(SERVER_ENV):
-        cfg.host = os.environ[SERVER_ENV].rstrip("/")
-        cfg.verify_ssl = False
-        return Loaded(cfg, "env")
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        try:
-            kube_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # re-reads the token file
-        except ConfigException as e:
-            raise RuntimeError(f"in-cluster configuration: {e}") from e
-        return Loaded(cfg, "in-cluster")
-    path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
-    if not os.path.isfile(path):
-        raise RuntimeError(
-            f"no Kubernetes API server: set {SERVER_ENV}, run in a cluster, or provide a kubeconfig ({path})"
-        )
-    try:
-        loader = await kube_config.load_kube_config(config_file=path, client_configuration=cfg,
-                                                    persist_config=False)  # fmt: skip
-    except (ConfigException, OSError, KeyError) as e:
-        raise RuntimeError(f"kubeconfig {path}: {e}") from e
-    if hasattr(loader, "exec_plugin_expiry"):
-        cfg.refresh_api_key_hook = _exec_refresher(loader)
-    return Loaded(cfg, "kubeconfig", loader)
-
-
-async def credentials(loaded: Loaded, now: dt.datetime | None = None) -> Credentials:
-    """The loaded configuration as kopf's login needs it (token refreshed first)."""
-    cfg = loaded.configuration
-    now = now or dt.datetime.now(dt.timezone.utc)
-    if loaded.source == "env":
-        return Credentials(server=str(cfg.host), insecure=True)
-    header = await cfg.get_api_key_with_prefix("BearerToken") if "BearerToken" in cfg.api_key else None
-    token = header.split(" ", 1)[1] if header and header.startswith("Bearer ") else None
-    expiration = None
-    if loaded.source == "in-cluster":
-        expiration = now + IN_CLUSTER_RELOGIN
-    elif getattr(loaded.loader, "exec_plugin_expiry", None) is not None:
-        expiration = loaded.loader.exec_plugin_expiry
-        if expiration.tzinfo is None:
-            expiration = expiration.replace(tzinfo=dt.timezone.utc)
-    return Credentials(
-        server=str(cfg.host), ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl, token=token,
-        certificate_path=cfg.cert_file, private_key_path=cfg.key_file, expiration=expiration,
-    )  # fmt: skip
 
 
 def resource_path(api_version: str, plural: str, namespace: str | None = None, name: str | None = None,
@@ -205,6 +109,8 @@ class Kube:
         self.api.user_agent = USER_AGENT
         self.loaded = loaded
         self._streams: ApiClient | None = None  # follow_log's own pool
+        self._cert_generation = loaded.cert_generation if loaded is not None else 0
+        self._retired: list[ApiClient] = []  # sessions of replaced certificates (in-flight calls finish)
 
     @classmethod
     async def connect(cls) -> Kube:
@@ -218,21 +124,44 @@ class Kube:
         await self.close()
 
     async def close(self) -> None:
-        await self.api.close()
-        if self._streams is not None:
-            await self._streams.close()
+        for client in (self.api, self._streams, *self._retired):
+            if client is not None:
+                await client.close()
+
+    async def _fresh(self, refused: bool = False) -> bool:
+        """With an exec plugin's certificate: a new session once the certificate was replaced (it
+        was due, or `refused`: the server answered 401). True when there is a new one to try."""
+        loaded = self.loaded
+        if loaded is None or loaded.exec_cert is None:
+            return False
+        await refresh_exec_cert(loaded, force=refused, seen=self._cert_generation if refused else None)
+        if loaded.cert_generation == self._cert_generation:
+            return False
+        self._retired.append(self.api)
+        self.api = api_client(loaded.configuration)
+        self.api.user_agent = USER_AGENT
+        if self._streams is not None:  # open streams keep their connections; new ones take the new certificate
+            self._retired.append(self._streams)
+            self._streams = None
+        self._cert_generation = loaded.cert_generation
+        return True
 
     async def request(self, method: str, path: str, *, params: dict[str, str] | None = None,
                       body: Any = None, content_type: str = "application/json") -> Any:  # fmt: skip
         """One API call; returns the decoded JSON. Raises ApiError on a non-2xx answer."""
         headers = {"Accept": "application/json, */*", "Content-Type": content_type}
-        resp = await self.api.call_api(
-            path, method, query_params=list((params or {}).items()), header_params=headers, body=body,
-            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
-        )  # fmt: skip
-        async with resp:
-            raw = await resp.text()
+        await self._fresh()
+        for last in (False, True):
+            resp = await self.api.call_api(
+                path, method, query_params=list((params or {}).items()), header_params=headers, body=body,
+                auth_settings=["BearerToken"], _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+            )  # fmt: skip
+            async with resp:
+                raw = await resp.text()
+            if int(resp.status) == 401 and not last and await self._fresh(refused=True):
+                continue  # the plugin's certificate was refused: once more with a new one
             _raise_for(int(resp.status), str(resp.reason or ""), raw)
+            break
         return json.loads(raw) if raw else {}
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
@@ -290,6 +219,7 @@ class Kube:
         kubelet writes them, until the container ends. On its own connection pool with no limit
         (one long-running request per followed pod must never queue the operator's other calls).
         Raises ApiError on a non-2xx answer."""
+        await self._fresh()
         if self._streams is None:
             cfg = copy.copy(self.api.configuration)  # shares api_key: a refreshed token serves both
             cfg.connection_pool_maxsize = 0  # aiohttp: no limit

@@ -46,11 +46,13 @@ def audit_offset(path: Path) -> int:
 
 
 class OperatorProcess:
-    """`finetune-operator run -n NAMESPACE...` with the operator's kubeconfig and `env` overrides."""
+    """`finetune-operator run -n NAMESPACE...` with the operator's kubeconfig (its token; or
+    `kubeconfig`) and `env` overrides."""
 
     def __init__(self, cp: ControlPlane, namespaces: list[str], env: dict[str, str] | None = None,
-                 log: Path | None = None, verbose: bool = False) -> None:  # fmt: skip
+                 log: Path | None = None, verbose: bool = False, kubeconfig: Path | None = None) -> None:  # fmt: skip
         self.cp = cp
+        self.kubeconfig = kubeconfig or cp.kubeconfig_path("operator")
         self.namespaces = namespaces
         self.env = env or {}
         self.log = log or cp.root / f"operator-{'-'.join(namespaces)[:60]}.log"
@@ -62,7 +64,7 @@ class OperatorProcess:
         if self.alive:
             raise RuntimeError("the operator is already running")
         env = {k: v for k, v in os.environ.items() if k not in ("FINETUNE_KUBE_SERVER", "KUBERNETES_SERVICE_HOST")}
-        env.update(self.env, KUBECONFIG=str(self.cp.kubeconfig_path("operator")))
+        env.update(self.env, KUBECONFIG=str(self.kubeconfig))
         argv = [sys.executable, "-m", "finetune_operator.cli", "run", "--liveness-port", "0", "--metrics-port", "0"]
         for ns in self.namespaces:
             argv += ["-n", ns]

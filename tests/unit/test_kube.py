@@ -21,7 +21,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from finetune_operator import handlers, kube
+from finetune_operator import handlers, kube, kubeauth
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -49,17 +49,23 @@ class Pki:
     client_cert: Path
     client_key: Path
 
+    def client(self, n: int) -> tuple[Path, Path]:
+        """Client certificate n (1: CN=ftj-client, 2: CN=ftj-client-2, 3: CN=ftj-client-3) and its key."""
+        name = "client" if n == 1 else f"client{n}"
+        return self.ca.parent / f"{name}.crt", self.ca.parent / f"{name}.key"
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN=ftj-client)."""
+    """A CA, a server certificate for 127.0.0.1 and client certificates (CN=ftj-client, -2, -3)."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
     d = tmp_path_factory.mktemp("pki")
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
             "-keyout", d / "ca.key", "-out", d / "ca.crt")  # fmt: skip
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, cn, ext in (("server", "127.0.0.1", ["-extfile", d / "san.ext"]), ("client", "ftj-client", [])):
+    for name, cn, ext in (("server", "127.0.0.1", ["-extfile", d / "san.ext"]), ("client", "ftj-client", []),
+                          ("client2", "ftj-client-2", []), ("client3", "ftj-client-3", [])):  # fmt: skip
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", d / f"{name}.key",
                 "-out", d / f"{name}.csr")  # fmt: skip
         openssl("x509", "-req", "-in", d / f"{name}.csr", "-CA", d / "ca.crt", "-CAkey", d / "ca.key",
@@ -75,6 +81,7 @@ class Seen:
     auth: list[str | None] = field(default_factory=list)
     client_cn: list[str | None] = field(default_factory=list)
     queries: list[str] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)  # client certificate CNs answered 401 (expired, say)
 
 
 @pytest.fixture
@@ -88,6 +95,8 @@ async def api(pki: Pki) -> AsyncIterator[Seen]:
         subject = dict(x[0] for x in cert["subject"]) if cert else {}
         seen.client_cn.append(subject.get("commonName"))
         seen.queries.append(request.query_string)
+        if subject.get("commonName") in seen.refused:
+            return web.json_response({"kind": "Status", "reason": "Unauthorized", "message": "Unauthorized"}, status=401)
         if request.match_info.get("sub") == "log":
             return web.Response(text='{"event": "progress", "step": 3}\n')
         return web.json_response({"kind": "Pod", "metadata": {"name": request.match_info["name"]}})
@@ -264,6 +273,56 @@ async def test_kubeconfig_exec_plugin(
     assert info.token and info.token.startswith("exec-") and info.expiration is not None
     left = (info.expiration - dt.datetime.now(dt.timezone.utc)).total_seconds()
     assert lifetime - 10 < left <= lifetime
+
+
+EXEC_CERT_PLUGIN = """
+import datetime as dt, json, pathlib, sys
+counter = pathlib.Path(sys.argv[1]); n = int(counter.read_text() or 0) + 1 if counter.exists() else 1
+counter.write_text(str(n))
+cert, key = sys.argv[3:][2 * (n - 1)], sys.argv[3:][2 * (n - 1) + 1]
+expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=int(sys.argv[2]))
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                  "status": {"clientCertificateData": pathlib.Path(cert).read_text(),
+                             "clientKeyData": pathlib.Path(key).read_text(),
+                             "expirationTimestamp": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+"""
+
+
+@needs_openssl
+async def test_an_exec_plugin_certificate_is_replaced_when_due_and_when_refused(
+    api: Seen, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin that answers with a client certificate (Teleport's tsh, say): kubernetes_asyncio
+    writes it to files once and never runs the plugin again, so the operator lost the API server
+    when the certificate expired. Now the plugin runs again when its expirationTimestamp is near
+    and when the server refuses the certificate (401, then the request once more); each new
+    certificate gets a new session, and kopf's login carries the current files and expiry."""
+    plugin, counter = tmp_path / "plugin.py", tmp_path / "count"
+    plugin.write_text(EXEC_CERT_PLUGIN)
+    certs = [str(p) for n in (1, 2, 3, 3, 1, 1, 1) for p in pki.client(n)]  # the certificate of runs 1..7
+    lifetime = int(kubeauth.CERT_SKEW.total_seconds()) + 4  # due 3-4 s after it is issued
+    exec_cfg = {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
+                "args": [str(plugin), str(counter), str(lifetime), *certs], "interactiveMode": "Never"}  # fmt: skip
+    write_kubeconfig(tmp_path / "config", api.url, pki.ca, {"exec": exec_cfg})
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    pod = {"kind": "Pod", "metadata": {"name": "p"}}
+    async with await kube.Kube.connect() as k:  # run 1: the library's; run 2: ours, for the expiry
+        assert await k.get("v1", "pods", "ml", "p") == pod
+        api.refused.add("ftj-client-2")  # the server no longer takes it (revoked, expired early)
+        assert await k.get("v1", "pods", "ml", "p") == pod  # 401 -> run 3 -> the request once more
+        assert api.client_cn == ["ftj-client-2", "ftj-client-2", "ftj-client-3"]
+        api.refused.add("ftj-client-3")
+        with pytest.raises(kube.ApiError) as e:  # 401 -> run 4, refused again: once more only
+            await k.get("v1", "pods", "ml", "p")
+        assert e.value.status == 401 and api.client_cn[3:] == ["ftj-client-3", "ftj-client-3"]
+        api.client_cn.clear()
+        await asyncio.sleep(4.5)  # run 4's certificate is due: run 5 before the next request
+        assert await k.get("v1", "pods", "ml", "p") == pod
+        assert int(counter.read_text()) == 5 and api.client_cn == ["ftj-client"]
+    info = await handlers.login()  # a fresh load: runs 6 (the library's) and 7 (ours)
+    assert info.certificate_path and info.private_key_path and info.expiration is not None
+    assert 0 < (info.expiration - dt.datetime.now(dt.timezone.utc)).total_seconds() <= lifetime
+    assert oct(Path(info.private_key_path).stat().st_mode & 0o777) == "0o600"
 
 
 @needs_openssl
