@@ -89,10 +89,12 @@ def count_requests(cp: ControlPlane, start: int, end: int) -> tuple[collections.
     return by_ns, by_user
 
 
-def operator_requests(cp: ControlPlane, start: int, ns: str) -> collections.Counter[str]:
-    """The operator's requests in namespace `ns` from byte `start` on, by "verb resource[/subresource]"."""
+def operator_requests(cp: ControlPlane, start: int, ns: str, end: int | None = None) -> collections.Counter[str]:
+    """The operator's requests in namespace `ns` in audit bytes [start, end), by "verb resource[/subresource]"."""
     out: collections.Counter[str] = collections.Counter()
-    for _offset, ev in audit_events(cp.audit_log, start):
+    for offset, ev in audit_events(cp.audit_log, start):
+        if end is not None and offset > end:
+            break
         ref = ev.get("objectRef") or {}
         if ev.get("user", {}).get("username") == OPERATOR_USER and ref.get("namespace") == ns:
             sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
@@ -288,7 +290,10 @@ def main() -> int:
         for k, v in per_job.items():
             resync = float(os.environ.get("FINETUNE_RESYNC_SECONDS") or 5)
             goal = "goal 0" if k != "training" else f"goal <= 60/FINETUNE_RESYNC_SECONDS = {60 / resync:.0f}"
-            print(f"    {k:9s} ({getattr(args, k):3d} jobs):              {v:8.2f} requests/job/min   ({goal})")
+            reqs = operator_requests(cp, a2, namespaces[k], a3)
+            detail = ", ".join(f"{r} {c / getattr(args, k) / minutes:.2f}" for r, c in reqs.most_common())
+            print(f"    {k:9s} ({getattr(args, k):3d} jobs):              {v:8.2f} requests/job/min   ({goal})"
+                  + (f"  [{detail}]" if detail else ""))  # fmt: skip
         other = sum(by_ns.values()) - sum(by_ns.get(namespaces[k], 0) for k in per_job)
         print(f"    operator requests naming no job namespace: {other / minutes:.1f}/min; "
               f"all clients by user [agent]: { {u: round(c / minutes, 1) for u, c in by_user.items()} } per min")

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -201,10 +202,26 @@ async def ftj_claims(namespace: str | None, name: str, **_: Any) -> dict[Any, An
     return {(str(namespace), name): True}
 
 
+async def _own_echo(namespace: str, job: str, mine: Callable[[], bool]) -> bool:
+    """Whether a watch event is the echo of this process's own write for `job` (`mine()` asks the
+    informer). The watch may deliver it before the writing pass has read the server's answer:
+    then that pass still holds the job's lock, and the question is asked again once it is done
+    (else a second pass ran on the echo, and wrote progress that moved a step meanwhile)."""
+    if mine():
+        return True
+    lock = passes._lock(namespace, job)
+    if not lock.locked():
+        return False
+    async with lock:
+        pass
+    return mine()
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def on_job_event(type: str | None, name: str, namespace: str | None, body: Any, **_: Any) -> None:
     namespace = str(namespace)
-    if type == "MODIFIED" and passes._informer().own_write(namespace, name, body):
+    informer = passes._informer()
+    if type == "MODIFIED" and await _own_echo(namespace, name, lambda: informer.own_write(namespace, name, body)):
         return  # our own status patch coming back: nothing the writing pass did not know
     if type == "DELETED":
         metrics.observe_phase(namespace, name, None)
@@ -223,7 +240,8 @@ async def on_pod_event(type: str | None, body: Any, namespace: str | None, **_: 
     if owner is None:
         return
     informer = passes._informer()
-    if type == "ADDED" and informer.own_create(str(namespace), body):
+    if type == "ADDED" and await _own_echo(str(namespace), str(owner["name"]),
+                                           lambda: informer.own_create(str(namespace), body)):  # fmt: skip
         return  # the pod we created, unchanged: the creating pass counted it already
     informer.pod_event(str(namespace), body, deleted=type == "DELETED")
     if type == "DELETED" and _state["follower"] is not None:
