@@ -37,6 +37,7 @@ import yaml
 from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.client import Configuration
 from kubernetes_asyncio.config.config_exception import ConfigException
+from kubernetes_asyncio.config.dateutil import parse_rfc3339
 from kubernetes_asyncio.config.exec_provider import ExecProvider
 from kubernetes_asyncio.config.kube_config import ConfigNode
 
@@ -195,15 +196,16 @@ async def refresh_exec_cert(loaded: Loaded, now: dt.datetime | None = None, *, f
     """
     if loaded.exec_cert is None:
         return False
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if not force and not _due(loaded, now):
+        return False  # every request asks: no lock while the certificate is good
     if loaded._lock is None:
         loaded._lock = asyncio.Lock()
     async with loaded._lock:
         if seen is not None and loaded.cert_generation != seen:
             return True
-        now = now or dt.datetime.now(dt.timezone.utc)
-        due = loaded.cert_expiry is not None and now >= loaded.cert_expiry - CERT_SKEW
-        if not (force or due):
-            return False
+        if not force and not _due(loaded, now):
+            return False  # replaced by the caller the lock was waited for
         status = await ExecProvider(ConfigNode("exec", loaded.exec_cert)).run()
         if not status.get("clientCertificateData") or not status.get("clientKeyData"):
             raise ConfigException("exec: the plugin answered without clientCertificateData and clientKeyData")
@@ -212,18 +214,16 @@ async def refresh_exec_cert(loaded: Loaded, now: dt.datetime | None = None, *, f
         cfg.cert_file = _write_private(f"client-{gen}.crt", str(status["clientCertificateData"]))
         cfg.key_file = _write_private(f"client-{gen}.key", str(status["clientKeyData"]))
         for old in (f"client-{gen - 2}.crt", f"client-{gen - 2}.key"):  # the one before stays for kopf
-            if _cert_dir is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(_cert_dir, old))
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(os.path.dirname(cfg.cert_file), old))
         expiry = status.get("expirationTimestamp")
-        loaded.cert_expiry = _parse_time(str(expiry)) if expiry else None
+        loaded.cert_expiry = None  # none given, or unreadable: replaced when refused
+        if expiry:
+            with contextlib.suppress(ValueError):  # the library's parser, as for a token's expiry
+                loaded.cert_expiry = parse_rfc3339(str(expiry))
         loaded.cert_generation = gen
         return True
 
 
-def _parse_time(text: str) -> dt.datetime | None:
-    try:
-        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+def _due(loaded: Loaded, now: dt.datetime) -> bool:
+    return loaded.cert_expiry is not None and now >= loaded.cert_expiry - CERT_SKEW
