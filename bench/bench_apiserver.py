@@ -48,13 +48,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "realapi"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from controlplane import OPERATOR_USER, ApiClient, ControlPlane, assets_dir, wait_for  # noqa: E402
+from controlplane import OPERATOR_USER, ApiClient, ControlPlane, assets_dir, cpu_seconds, wait_for  # noqa: E402
 from kubelet import RealApiKubelet  # noqa: E402
 from operator_proc import OperatorProcess, audit_events, audit_offset  # noqa: E402
 
@@ -173,11 +171,6 @@ def apf_rejected(api: ApiClient) -> float:
     text = api.request("GET", "/metrics", raw=True)
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("apiserver_flowcontrol_rejected_requests_total{"))  # fmt: skip
-
-
-def cpu_of(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system)
 
 
 def burst(cp: ControlPlane, api: ApiClient, ns: str, n: int, cpu: Callable[[], float]) -> dict[str, Any]:
@@ -313,7 +306,7 @@ def main() -> int:
                                  stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
         try:
             assert floor.stdout is not None and floor.stdout.readline().strip() == b"watching", "bench/floor.py did not start"
-            fb = burst(cp, api, namespaces["floor"], args.scale, lambda: cpu_of(floor.pid))
+            fb = burst(cp, api, namespaces["floor"], args.scale, lambda: cpu_seconds(floor.pid))
         finally:
             floor.kill()
             floor.wait(10)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from controlplane import OPERATOR_USER, ControlPlane, wait_for
+from controlplane import OPERATOR_USER, ControlPlane, cpu_seconds, wait_for
 
 
 def audit_events(path: Path, offset: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -136,8 +136,7 @@ class OperatorProcess:
 
     def cpu_seconds(self) -> float:
         assert self.popen is not None
-        t = psutil.Process(self.popen.pid).cpu_times()
-        return float(t.user + t.system)
+        return cpu_seconds(self.popen.pid)
 
     def rss(self) -> int:
         assert self.popen is not None
