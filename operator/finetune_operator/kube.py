@@ -36,6 +36,14 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 # A follow stream lives as long as its pod: no total limit (logfollow.py reopens a silent one).
 FOLLOW_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
 USER_AGENT = "finetune-operator"
+# A pooled keep-alive connection that the server closed as the pool handed it out fails the request
+# ("Can not write request body", or a disconnect before the answer: one create in a few thousand
+# of bench_apiserver.py (b)'s burst). aiohttp sends only idempotent methods again by itself (its
+# IDEMPOTENT_METHODS: not POST or PATCH). Every request of this client may go twice: creates carry
+# their names (a second answers 409, read as "already there"), patches are merge patches of
+# absolute values. So each goes once more on a new connection, as Go's transport does for a
+# request it knows was not written; a second loss raises.
+CONNECTION_LOST = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 class ApiError(Exception):
@@ -152,17 +160,31 @@ class Kube:
         headers = {"Accept": "application/json, */*", "Content-Type": content_type}
         await self._fresh()
         for last in (False, True):
-            resp = await self.api.call_api(
-                path, method, query_params=list((params or {}).items()), header_params=headers, body=body,
-                auth_settings=["BearerToken"], _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
-            )  # fmt: skip
-            async with resp:
-                raw = await resp.text()
-            if int(resp.status) == 401 and not last and await self._fresh(refused=True):
+            status, reason, raw = await self._send(method, path, params, body, headers)
+            if status == 401 and not last and await self._fresh(refused=True):
                 continue  # the plugin's certificate was refused: once more with a new one
-            _raise_for(int(resp.status), str(resp.reason or ""), raw)
+            _raise_for(status, reason, raw)
             break
         return json.loads(raw) if raw else {}
+
+    async def _send(self, method: str, path: str, params: dict[str, str] | None, body: Any,
+                    headers: dict[str, str]) -> tuple[int, str, str]:  # fmt: skip
+        """One request (status, reason, body text), sent once more when its connection was lost."""
+        try:
+            return await self._send_once(method, path, params, body, headers)
+        except CONNECTION_LOST as e:
+            if isinstance(e, aiohttp.ClientConnectorError):  # not connected at all: say so now
+                raise
+        return await self._send_once(method, path, params, body, headers)
+
+    async def _send_once(self, method: str, path: str, params: dict[str, str] | None, body: Any,
+                         headers: dict[str, str]) -> tuple[int, str, str]:  # fmt: skip
+        resp = await self.api.call_api(
+            path, method, query_params=list((params or {}).items()), header_params=headers, body=body,
+            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+        )  # fmt: skip
+        async with resp:
+            return int(resp.status), str(resp.reason or ""), await resp.text()
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """Create `obj`; the created object, or None when it already exists (409)."""

@@ -362,3 +362,51 @@ async def test_api_errors_keep_the_status_reason() -> None:
             assert (err.value.status, err.value.reason) == (403, "Forbidden")
     finally:
         await runner.cleanup()
+
+
+async def test_a_request_whose_kept_alive_connection_was_closed_goes_once_more_on_a_new_one() -> None:
+    """The API server closes a kept-alive connection as the client's pool hands it out (seen in a
+    burst of 500 creates against the real kube-apiserver: "Can not write request body"). aiohttp
+    resends only idempotent methods; the client resends any of its requests once, on a new
+    connection (a create that did land answers 409 the second time). A second loss raises."""
+    script = ["answer", "drop", "answer", "drop", "drop"]  # what the server does with each request, in turn
+    seen: list[tuple[int, str]] = []  # (connection number, request line) of each request read
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        conn = connections
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                lines = head.decode().split("\r\n")
+                length = next((int(v) for k, _, v in (h.partition(": ") for h in lines) if k.lower() == "content-length"), 0)
+                body = await reader.readexactly(length)
+                seen.append((conn, lines[0]))
+                if script.pop(0) == "drop":
+                    return  # closed with no answer
+                out = json.dumps(json.loads(body)).encode()
+                writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(out), out))  # fmt: skip
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "ml"}}
+    try:
+        loaded = kube.Loaded(kube.Configuration(host=f"http://127.0.0.1:{port}"), "env")
+        async with kube.Kube(kube.ApiClient(loaded.configuration), loaded) as k:
+            assert await k.create({**pod, "metadata": {**pod["metadata"], "name": "a"}}) is not None
+            created = await k.create({**pod, "metadata": {**pod["metadata"], "name": "b"}})
+            assert created is not None and created["metadata"]["name"] == "b"
+            assert seen == [(1, "POST /api/v1/namespaces/ml/pods HTTP/1.1")] * 2 + [(2, "POST /api/v1/namespaces/ml/pods HTTP/1.1")]
+            with pytest.raises(kube.CONNECTION_LOST):
+                await k.create({**pod, "metadata": {**pod["metadata"], "name": "c"}})
+            assert [c for c, _ in seen[3:]] == [2, 3] and not script
+    finally:
+        server.close()
+        await server.wait_closed()
