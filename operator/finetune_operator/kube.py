@@ -36,10 +36,10 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 # A follow stream lives as long as its pod: no total limit (logfollow.py reopens a silent one).
 FOLLOW_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
 USER_AGENT = "finetune-operator"
-# A pooled keep-alive connection that the server closed as the pool handed it out fails the request
-# ("Can not write request body", or a disconnect before the answer: one create in a few thousand
-# of bench_apiserver.py (b)'s burst). aiohttp sends only idempotent methods again by itself (its
-# IDEMPOTENT_METHODS: not POST or PATCH). Every request of this client may go twice: creates carry
+# A pooled keep-alive connection that the server (or a load balancer's idle timeout) closed as the
+# pool handed it out fails the request: "Can not write request body", or a disconnect before the
+# answer. aiohttp sends only idempotent methods again by itself (its IDEMPOTENT_METHODS: not POST
+# or PATCH; aio-libs/aiohttp#6138, #7297). Every request of this client may go twice: creates carry
 # their names (a second answers 409, read as "already there"), patches are merge patches of
 # absolute values. So each goes once more on a new connection, as Go's transport does for a
 # request it knows was not written; a second loss raises.
