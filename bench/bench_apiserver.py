@@ -173,10 +173,23 @@ def apf_rejected(api: ApiClient) -> float:
                if line.startswith("apiserver_flowcontrol_rejected_requests_total{"))  # fmt: skip
 
 
+def terminated_watches(api: ApiClient) -> collections.Counter[str]:
+    """apiserver_terminated_watchers_total by resource: watches the API server's watch cache ended
+    because their client read too slowly (a Python watcher starved of CPU, say): each costs that
+    client a new watch, and kopf a new LIST of everything it watches."""
+    out: collections.Counter[str] = collections.Counter()
+    for line in api.request("GET", "/metrics", raw=True).splitlines():
+        if line.startswith("apiserver_terminated_watchers_total{"):
+            labels, _, value = line.rpartition(" ")
+            resource = labels.split('resource="', 1)[1].split('"', 1)[0] if 'resource="' in labels else "?"
+            out[resource] += int(float(value))
+    return out
+
+
 def burst(cp: ControlPlane, api: ApiClient, ns: str, n: int, cpu: Callable[[], float]) -> dict[str, Any]:
     """`n` jobs created at once in `ns`, served by the controller whose CPU-seconds `cpu` reads:
     latencies (job ADDED -> training pod ADDED), CPU, requests per job, all from one run."""
-    rejected0, offset = apf_rejected(api), audit_offset(cp.audit_log)
+    rejected0, offset, terminated0 = apf_rejected(api), audit_offset(cp.audit_log), terminated_watches(api)
     fork = multiprocessing.get_context("fork")
     ready, stop, out = fork.Event(), fork.Event(), fork.Queue()
     observer = fork.Process(target=observe_adds, args=(api, ns, ready, stop, out), daemon=True)
@@ -202,9 +215,10 @@ def burst(cp: ControlPlane, api: ApiClient, ns: str, n: int, cpu: Callable[[], f
     lat = [seen["pods"][f"{name}-train-1"] - seen["jobs"][name] for name in names
            if f"{name}-train-1" in seen["pods"] and name in seen["jobs"]]  # fmt: skip
     reqs = operator_requests(cp, offset, ns)
+    terminated = terminated_watches(api) - terminated0
     return {"n": len(lat), "p50": statistics.median(lat), "p99": pct(lat, 0.99), "max": max(lat),
             "create_s": t_created - t0, "all_s": t_all - t0, "cpu": used, "cpu_as": cpu_as, "cpu_etcd": cpu_etcd,
-            "rejected": apf_rejected(api) - rejected0, "requests": f"{sum(reqs.values()) / n:.2f} ("
+            "rejected": apf_rejected(api) - rejected0, "terminated": dict(terminated), "requests": f"{sum(reqs.values()) / n:.2f} ("
             + ", ".join(f"{k} {v / n:.2f}" for k, v in reqs.most_common()) + ")"}  # fmt: skip
 
 
@@ -321,7 +335,8 @@ def main() -> int:
             print(f"    {who:8s} p50 {b['p50']:.3f} s, p99 {b['p99']:.3f} s, max {b['max']:.3f} s ({b['n']} jobs; "
                   f"created in {b['create_s']:.1f} s, all written in {b['all_s']:.1f} s); CPU {b['cpu'] / args.scale * 1000:.1f} "
                   f"ms/job = {b['cpu'] / max(b['cpu_as'], 1e-9):.2f} x kube-apiserver's {b['cpu_as']:.1f} s (etcd "
-                  f"{b['cpu_etcd']:.1f} s); requests per job {b['requests']}")  # fmt: skip
+                  f"{b['cpu_etcd']:.1f} s); requests per job {b['requests']}; watches the server ended as too slow "
+                  f"to read: {b['terminated'] or 0}")  # fmt: skip
         print(f"    operator / floor: p50 {ob['p50'] / fb['p50']:.2f}, p99 {ob['p99'] / fb['p99']:.2f}; requests rejected by "
               f"API Priority and Fairness: {fb['rejected'] + ob['rejected']:.0f}")  # fmt: skip
         rss2 = op.rss()

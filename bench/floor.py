@@ -3,7 +3,8 @@
 One watch on the FineTuneJobs of a namespace; for each ADDED, in a task of its own, the operator's
 own decision (`reconcile`, pure) carried out with the operator's own client: the claim, then the
 pod, then the status patch; the Events go to one background poster, as the operator's do. No kopf,
-no informer, no pod or claim watches, no locks, no retries, no error handling. Its latency is what
+no informer, no pod or claim watches, no locks, no retries, no error handling (its watch is opened
+again where it ended: the API server ends a watch it finds slow to read). Its latency is what
 the API server and this machine allow for the same requests; the operator's latency over it is what
 kopf and the operator's machinery add.
 
@@ -47,23 +48,29 @@ async def main(namespace: str) -> None:
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     tasks: set[asyncio.Task[None]] = set()
     async with await Kube.connect() as kube:
-        poster = asyncio.create_task(post_events(kube, events))
+        tasks.add(asyncio.create_task(post_events(kube, events)))  # runs until the process is killed
         path = resource_path(contract.API_VERSION, contract.PLURAL, namespace)
         rv = (await kube.request("GET", path))["metadata"]["resourceVersion"]
-        resp = await kube.api.call_api(
-            path, "GET", query_params=[("watch", "1"), ("resourceVersion", rv)],
-            header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-            _preload_content=False, _request_timeout=FOLLOW_TIMEOUT,
-        )  # fmt: skip
         print("watching", flush=True)
-        async with resp:
-            async for line in resp.content:
-                ev = json.loads(line)
-                if ev["type"] == "ADDED":
-                    task = asyncio.create_task(launch(kube, ev["object"], settings, events))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-        poster.cancel()
+        while True:  # the API server ends a watch it finds slow to read (its watch cache): watch again
+            resp = await kube.api.call_api(
+                path, "GET", query_params=[("watch", "1"), ("resourceVersion", rv), ("allowWatchBookmarks", "true")],
+                header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+                _preload_content=False, _request_timeout=FOLLOW_TIMEOUT,
+            )  # fmt: skip
+            async with resp:
+                if resp.status != 200:  # 410 Gone: a floor re-lists no history; the run is void
+                    raise SystemExit(f"floor: watch answered {resp.status}: {await resp.text()}")
+                async for line in resp.content:
+                    ev = json.loads(line)
+                    if ev["type"] == "ERROR":  # 410 Expired: as above
+                        raise SystemExit(f"floor: watch error: {ev['object']}")
+                    rv = ev["object"]["metadata"]["resourceVersion"]
+                    if ev["type"] == "ADDED":
+                        task = asyncio.create_task(launch(kube, ev["object"], settings, events))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+            print(f"floor: the watch ended; watching again from resourceVersion {rv}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
