@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from finetune_operator import contract
+from finetune_operator.cli import tune_gc
 from finetune_operator.kube import FOLLOW_TIMEOUT, Kube, resource_path
 from finetune_operator.observe import Observed
 from finetune_operator.passes import settings_from_env
@@ -74,4 +75,5 @@ async def main(namespace: str) -> None:
 
 
 if __name__ == "__main__":
+    tune_gc()  # as `finetune-operator run` does
     asyncio.run(main(sys.argv[1]))
