@@ -100,9 +100,20 @@ def operator_requests(cp: ControlPlane, start: int, ns: str, end: int | None = N
     return out
 
 
+def server_counter(api: ApiClient, name: str, by: str | None = None) -> collections.Counter[str]:
+    """The API server's counter `name` from its /metrics, summed per value of label `by` (all
+    under "" without one)."""
+    out: collections.Counter[str] = collections.Counter()
+    for line in api.request("GET", "/metrics", raw=True).splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line.rpartition(" ")
+            key = labels.split(f'{by}="', 1)[1].split('"', 1)[0] if by and f'{by}="' in labels else ""
+            out[key] += int(float(value))
+    return out
+
+
 def request_total(api: ApiClient) -> float:
-    text = api.request("GET", "/metrics", raw=True)
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("apiserver_request_total{"))
+    return sum(server_counter(api, "apiserver_request_total").values())
 
 
 def finish_like_a_kubelet(api: ApiClient, ns: str, names: list[str]) -> None:
@@ -168,22 +179,14 @@ def observe_adds(api: ApiClient, ns: str, ready: Any, stop: Any, out: Any) -> No
 
 
 def apf_rejected(api: ApiClient) -> float:
-    text = api.request("GET", "/metrics", raw=True)
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("apiserver_flowcontrol_rejected_requests_total{"))  # fmt: skip
+    return sum(server_counter(api, "apiserver_flowcontrol_rejected_requests_total").values())
 
 
 def terminated_watches(api: ApiClient) -> collections.Counter[str]:
     """apiserver_terminated_watchers_total by resource: watches the API server's watch cache ended
     because their client read too slowly (a Python watcher starved of CPU, say): each costs that
     client a new watch, and kopf a new LIST of everything it watches."""
-    out: collections.Counter[str] = collections.Counter()
-    for line in api.request("GET", "/metrics", raw=True).splitlines():
-        if line.startswith("apiserver_terminated_watchers_total{"):
-            labels, _, value = line.rpartition(" ")
-            resource = labels.split('resource="', 1)[1].split('"', 1)[0] if 'resource="' in labels else "?"
-            out[resource] += int(float(value))
-    return out
+    return server_counter(api, "apiserver_terminated_watchers_total", by="resource")
 
 
 def burst(cp: ControlPlane, api: ApiClient, ns: str, n: int, cpu: Callable[[], float]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 One watch on the FineTuneJobs of a namespace; for each ADDED, in a task of its own, the operator's
 own decision (`reconcile`, pure) carried out with the operator's own client: the claim, then the
 pod, then the status patch; the Events go to one background poster, as the operator's do. No kopf,
-no informer, no pod or claim watches, no locks, no retries, no error handling (its watch is opened
+no informer, no pod or claim watches, no locks, no retries of its own, no error handling (its watch is opened
 again where it ended: the API server ends a watch it finds slow to read). Its latency is what
 the API server and this machine allow for the same requests; the operator's latency over it is what
 kopf and the operator's machinery add.

@@ -71,7 +71,7 @@ def start_priority(now: float | None = None) -> int:
 # With 500 jobs created at once, CPython's collector took 1.4 of the operator's 6.5 CPU-seconds
 # (timed with gc.callbacks, bench_apiserver.py (b)): a young collection every 700 allocations, so
 # an older one every few watch events, each walking every module, class and generated model that
-# kopf and kubernetes_asyncio had loaded, then the whole cache. Tuned: 0.55 of 4.7 s.
+# kopf and kubernetes_asyncio had loaded, then the whole cache. Tuned: 0.52 of 4.8 s.
 YOUNG_GC_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
 
 
