@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import getpass
 import logging
 import os
 import random
+import socket
 import sys
 import time
+from typing import Any, cast
 
 
 def _version() -> str:
@@ -84,6 +87,23 @@ def tune_gc() -> None:
     gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
 
 
+def peering_identity(now: float | None = None) -> str:
+    """This replica's name among its peers. In a pod: the pod's name (POD_ID from the downward
+    API, as kopf documents; unique, and what `kubectl get clusterkopfpeering -o yaml` should show).
+    Elsewhere: user@host/start, as kopf would name it, except that a uid with no passwd entry
+    (the operator image's 65532, an OpenShift arbitrary uid) is named by number: kopf's own
+    getpass.getuser() raises KeyError for it, and every replica crashed at start."""
+    pod = os.environ.get("POD_ID")
+    if pod:
+        return pod
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid-{os.getuid()}"
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"{user}@{socket.gethostname()}/{stamp}/{random.SystemRandom().randrange(16**4):04x}"
+
+
 def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int, verbose: bool,
                  log_format: str = "full", peering: str | None = None, priority: int | None = None) -> int:  # fmt: skip
     import kopf
@@ -103,6 +123,9 @@ def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int, v
         standalone=not peering,
         peering_name=peering or None,
         priority=(priority if priority is not None else start_priority()) if peering else None,
+        # kopf types it as its private NewType Identity (a str); without it, kopf names the replica
+        # with getpass.getuser(), which raises for a uid with no passwd entry
+        identity=cast(Any, peering_identity()) if peering else None,
         liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None,
     )
     return 0
