@@ -155,7 +155,11 @@ def collapse(pods: tuple[PodObservation, ...], job: str, nodes: int, known: dict
                 desc = {"pod": vanished[0], "result": RESULT_EVICTED, "exitCode": None, "reason": None, "message": VANISHED}
         if desc is None:
             if live:  # running (some members may have completed; the rest are finishing)
-                out.append(replace(rank0, name=name, result=None, deleting=any(p.deleting for p in live)))
+                holder = next((p for p in live if p.held), None)  # one held member holds the gang
+                held = None if holder is None or holder.held is None else (
+                    holder.held[0], f"member {holder.name}: {holder.held[1]}")
+                out.append(replace(rank0, name=name, result=None, held=held,
+                                   deleting=any(p.deleting for p in live)))
             else:  # every member completed
                 out.append(replace(rank0, name=name, summary={**rank0.summary, "endedFirst": None}))
             continue

@@ -44,6 +44,9 @@ INTERRUPTIONS = (RESULT_PREEMPTED, RESULT_EVICTED)
 EXPORT_EVENT = "export"
 PROGRESS_FIELDS = ("step", "totalSteps", "epoch", "loss", "samplesPerSecond", "etaSeconds")
 LOG_TAIL_LINES = 40
+# Container waiting reasons of a normal start; any other (ErrImagePull, ImagePullBackOff,
+# CreateContainerConfigError, ...) holds the pod until someone acts.
+WAITING_NORMAL = (None, "ContainerCreating", "PodInitializing")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ class PodObservation:
     finished_at: str | None = None
     deleting: bool = False  # metadata.deletionTimestamp is set
     waiting_reason: str | None = None  # ImagePullBackOff, CreateContainerConfigError, ...
+    # Why a pod that has not started is held, as (reason, message) in the words of whoever holds
+    # it: the scheduler (Unschedulable: "0/1 nodes are available: 1 Insufficient cpu."), a
+    # scheduling gate (SchedulingGated: Kueue's admission gate), or the kubelet (ErrImagePull,
+    # ImagePullBackOff, CreateContainerConfigError, ...). None: starting normally, or started.
+    held: tuple[str, str] | None = None
     progress: dict[str, Any] | None = None  # last progress line of the log tail
     checkpoint: dict[str, Any] | None = None  # last checkpoint line of the log tail
     stage: str | None = None  # last export stage line of the log tail (loading, merged, verified, ...)
@@ -170,8 +178,28 @@ def _terminated(status: dict[str, Any]) -> dict[str, Any] | None:
 def _waiting_reason(status: dict[str, Any]) -> str | None:
     for cs in status.get("containerStatuses") or []:
         waiting = (cs.get("state") or {}).get("waiting")
-        if waiting and waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+        if waiting and waiting.get("reason") not in WAITING_NORMAL:
             return str(waiting["reason"])
+    return None
+
+
+def held_by(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of what holds a pod that has not started: scheduling gates first (the
+    scheduler does not look at a gated pod), then the scheduler's verdict, then the kubelet's."""
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    gates = [str(g.get("name")) for g in spec.get("schedulingGates") or [] if isinstance(g, dict)]
+    if gates:
+        return "SchedulingGated", f"held by scheduling gate {', '.join(gates)}"
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason"):
+            return str(cond["reason"]), str(cond.get("message") or "not scheduled yet")
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") not in WAITING_NORMAL:
+            return str(waiting["reason"]), str(waiting.get("message") or "").strip()
     return None
 
 
@@ -246,6 +274,7 @@ def observe_pod(pod: dict[str, Any], log_tail: str | None = None, log_error: str
         finished_at=term.get("finishedAt"),
         deleting=bool(meta.get("deletionTimestamp")),
         waiting_reason=_waiting_reason(status),
+        held=held_by(pod) if result is None else None,
         progress=progress,
         checkpoint=checkpoint,
         stage=parse_export_stage(log_tail) if labels.get(LABEL_ROLE) == "export" else None,

@@ -88,17 +88,19 @@ class Pass:
             build_event(self.job, type_, reason, message, self.now, len(self.plan.events))
         )
 
-    def phase(self, phase: str, reason: str, message: str, *, announce: bool = False, told: bool = False) -> None:
+    def phase(self, phase: str, reason: str, message: str, *, announce: bool = False, told: bool = False,
+              warning: bool = False) -> None:
         """Set the phase; post an Event when it changes (named after the phase, or after the
         reason for Failed and Suspended). `announce`: post one named after `reason` whenever the
         reason changes, even within a phase (e.g. Pending -> Pending/WaitingForSourceJob).
         `told`: the caller posted this transition's Event itself (Started, Resumed, ExportStarted
-        name the pod they created): one Event per transition."""
+        name the pod they created): one Event per transition. `warning`: the Event is a Warning
+        (as every Failed one is)."""
         before = self.old.get("phase")
         S.set_phase(self.st, phase, reason, message, self.ts)
         if phase in S.TERMINAL_PHASES:
             self.st.setdefault("completionTime", self.ts)
-        warn = phase == S.PHASE_FAILED
+        warn = warning or phase == S.PHASE_FAILED
         if told:
             return
         if announce and (before != phase or self.old.get("reason") != reason):

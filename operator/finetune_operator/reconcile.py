@@ -290,9 +290,36 @@ def _distributed_env(pod: dict[str, Any], grace_seconds: int) -> None:
     env.append({"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(_shutdown_timeout(grace_seconds))})
 
 
+def _held(p: Pass, role: str, pod: PodObservation) -> bool:
+    """A pod that someone holds (the scheduler, a gate, the kubelet): say who and what, in their
+    words, as the phase's reason and message, with a Warning Event once per reason (a gate is
+    Normal: waiting for admission is the queue working)."""
+    if pod.held is None:
+        return False
+    reason, said = pod.held
+    what = f"{'export' if role == ROLE_EXPORT else 'training'} pod {pod.name} {HELD_WORDS.get(reason, 'is waiting')}"
+    message = f"{what}: {said}" if said else what
+    phase = S.PHASE_EXPORTING if role == ROLE_EXPORT else S.PHASE_PENDING
+    p.phase(phase, reason, message, announce=True, warning=reason != "SchedulingGated")
+    return True
+
+
+# How status words what holds a pod (observe.held_by); other reasons read "is waiting: ...".
+HELD_WORDS = {
+    "Unschedulable": "cannot be scheduled",
+    "SchedulingGated": "is not admitted yet",
+    "ErrImagePull": "cannot pull its image",
+    "ImagePullBackOff": "cannot pull its image",
+    "InvalidImageName": "has an invalid image name",
+    "CreateContainerConfigError": "cannot be configured",
+}
+
+
 def _running(p: Pass, role: str, pod: PodObservation) -> Plan:
     if pod.phase != "Running":
         p.plan.requeue_after = None  # nothing to read: the pod's watch events bring what changes
+    if _held(p, role, pod):  # (a gang is held while any member is, though rank 0 may run)
+        return p.finish()
     if role == ROLE_EXPORT:
         where = f"stage {pod.stage}" if pod.stage else f"is {pod.phase.lower()}"
         p.phase(S.PHASE_EXPORTING, S.REASON_EXPORTING, f"export pod {pod.name} {where}")
@@ -310,9 +337,8 @@ def _running(p: Pass, role: str, pod: PodObservation) -> Plan:
             f"training pod {pod.name} is waiting: {pod.waiting_reason}",
         )
     else:  # keep the launch message ("created, resuming from ..."): nothing new to say, nothing to write
-        p.phase(
-            S.PHASE_PENDING,
-            S.REASON_POD_STARTING,
-            str(p.st.get("message") or f"training pod {pod.name} is pending"),
-        )
+        message = str(p.st.get("message") or f"training pod {pod.name} is pending")
+        if p.st.get("reason") != S.REASON_POD_STARTING:  # it was held, and no longer is
+            message = f"training pod {pod.name} is starting"
+        p.phase(S.PHASE_PENDING, S.REASON_POD_STARTING, message)
     return p.finish()
