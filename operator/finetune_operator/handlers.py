@@ -72,6 +72,7 @@ class _PeeringState(logging.Handler):
         text = str(record.msg)
         if text.startswith("Pausing "):
             _state["paused"] = True
+            metrics.set_active(False)
             follower = _state["follower"]
             if follower is not None:  # a standby reads no logs; the active replica follows them
                 _state["follower"] = None
@@ -79,6 +80,7 @@ class _PeeringState(logging.Handler):
                     asyncio.get_running_loop().create_task(follower.close())
         elif text.startswith("Resuming operations"):
             _state["paused"] = False
+            metrics.set_active(True)
 
 
 PEERING_STATE = _PeeringState()
@@ -90,6 +92,7 @@ async def _join_peering(settings: kopf.OperatorSettings) -> None:
     settings.peering.clusterwide = True
     settings.peering.lifetime = int(os.environ.get("FINETUNE_PEERING_LIFETIME") or 60)
     _state["paused"] = settings.peering.mandatory  # kopf starts a mandatory peer paused
+    metrics.set_active(not _state["paused"])
     peering = logging.getLogger(PEERING_LOGGER)
     peering.setLevel(min(peering.getEffectiveLevel(), logging.INFO))
     if PEERING_STATE not in peering.handlers:

@@ -178,14 +178,27 @@ def test_idle_jobs_cost_no_requests_and_no_log_lines(tmp_path: Path) -> None:
 PEERING_LIFETIME = 4  # seconds; the Deployment uses 60 (README: operator settings)
 
 
-def _start_replica(cluster: Cluster, fake_env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _start_replica(cluster: Cluster, fake_env: dict[str, str], log: Path, metrics_port: int = 0) -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).with_name("finetune-operator")
     env = {**os.environ, **fake_env, "FINETUNE_KUBE_SERVER": cluster.url,
            "FINETUNE_PEERING_LIFETIME": str(PEERING_LIFETIME)}  # fmt: skip
     with log.open("w") as out:
         return subprocess.Popen([str(exe), "run", "-n", "default", "--peering", "finetune-operator",
-                                 "--liveness-port", "0", "--metrics-port", "0"], env=env, stdout=out,
+                                 "--liveness-port", "0", "--metrics-port", str(metrics_port)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The replica's /metrics as {sample: value}, e.g. {'finetune_jobs{phase="Training"}': 1.0}."""
+    from urllib.request import urlopen
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines if ln and not ln.startswith("#")}
+
+
+def _job_gauges(port: int) -> dict[str, float]:
+    return {k: v for k, v in _scrape(port).items() if k.startswith("finetune_jobs{")}
 
 
 def _peers(cluster: Cluster) -> dict[str, Any]:
@@ -197,23 +210,29 @@ def _peers(cluster: Cluster) -> dict[str, Any]:
 def test_ha_the_standby_takes_over_when_the_active_replica_is_killed(cluster: Cluster, tmp_path: Path) -> None:
     """Two replicas peered through kopf: the one started first is active, the other stands by
     (sends no job request); SIGKILL the active one, and the standby acts on the job within the
-    peering lifetime; the job completes with one pod per attempt."""
+    peering lifetime; the job completes with one pod per attempt. Only the active replica
+    reports job gauges (a scrape through the Service must not alternate with a standby's zeros)."""
     from kube_store import Res
+    from test_operator_cli import free_port
 
     cluster.call(cluster.api.register, Res("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering",
                                            namespaced=False, status_subresource=False))  # fmt: skip
     logs = {n: tmp_path / f"operator-{n}.log" for n in "ab"}
-    a = _start_replica(cluster, FAST_ENV, logs["a"])
+    ports = {n: free_port() for n in "ab"}
+    a = _start_replica(cluster, FAST_ENV, logs["a"], ports["a"])
     b: subprocess.Popen[bytes] | None = None
     try:
         cluster.wait_for(lambda: "Resuming operations" in logs["a"].read_text() and len(_peers(cluster)) == 1, 60,
                          what="replica a active")  # fmt: skip
-        b = _start_replica(cluster, FAST_ENV, logs["b"])
+        b = _start_replica(cluster, FAST_ENV, logs["b"], ports["b"])
         cluster.wait_for(lambda: len(_peers(cluster)) == 2, 60, what="replica b in the peering")
         configure(cluster, "ha-workspace", steps=200, stepSeconds=0.05)
         cluster.create(finetune_job("ha", spec(training={"maxSteps": 200, "checkpoint": {"everySteps": 10}})))
         cluster.wait_for(lambda: (status(cluster, "ha").get("checkpoint") or {}).get("step"), 30, what="a checkpoint")
         assert "default/ha" in logs["a"].read_text() and "default/ha" not in logs["b"].read_text()
+        assert _job_gauges(ports["a"])['finetune_jobs{phase="Training"}'] == 1
+        assert _scrape(ports["a"])["finetune_operator_active"] == 1
+        assert _job_gauges(ports["b"]) == {} and _scrape(ports["b"])["finetune_operator_active"] == 0
         a.send_signal(signal.SIGKILL)
         a.wait(10)
         killed = time.monotonic()
@@ -223,6 +242,8 @@ def test_ha_the_standby_takes_over_when_the_active_replica_is_killed(cluster: Cl
         handover = time.monotonic() - killed
         assert handover < PEERING_LIFETIME + 5, f"handover took {handover:.1f}s"
         assert "Resuming operations" in logs["b"].read_text() and "default/ha" in logs["b"].read_text()
+        assert _scrape(ports["b"])["finetune_operator_active"] == 1
+        assert _job_gauges(ports["b"])['finetune_jobs{phase="Suspended"}'] == 1
         cluster.patch(contract.API_VERSION, contract.PLURAL, "default", "ha", {"spec": {"suspend": False}})
         st = wait_phase(cluster, "ha", "Succeeded", 60)
         assert [(x["pod"], x["result"]) for x in st["attempts"]] == [
