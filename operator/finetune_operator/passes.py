@@ -161,7 +161,18 @@ async def _secret_keys(kube: Kube, ns: str, spec: FineTuneSpec) -> dict[str, fro
         return None
     found: dict[str, frozenset[str]] = {}
     for secret in wanted:
-        body = await kube.get("v1", "secrets", ns, secret)
+        try:
+            body = await kube.get("v1", "secrets", ns, secret)
+        except ApiError as e:
+            if e.status != 403:
+                raise
+            # An install without the `get secrets` grant (README: RBAC): no check before the launch;
+            # a missing Secret then holds the pod (CreateContainerConfigError), which status names.
+            if not _state.get("secrets_forbidden"):
+                _state["secrets_forbidden"] = True
+                log.info("no access to Secrets (%s): a missing credential is reported by the pod that waits "
+                         "for it, not before its launch", e)  # fmt: skip
+            return None
         if body is not None:
             found[secret] = frozenset((body.get("data") or {}) | (body.get("stringData") or {}))
     return found
