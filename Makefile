@@ -46,7 +46,7 @@ chaos: dev ## Chaos suite alone: CHAOS_TRIALS=N CHAOS_SEED=S make chaos (ledger 
 
 lint: dev ## ruff, mypy (strict on the control plane), import-linter layering
 	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/mypy operator/finetune_operator
+	$(VENV)/bin/mypy operator/finetune_api operator/finetune_operator
 	$(VENV)/bin/lint-imports
 
 bench: dev ## Benchmarks: ratios against baselines measured in the same run

@@ -57,7 +57,7 @@ from kubelet import RealApiKubelet  # noqa: E402
 from operator_proc import OperatorProcess, audit_events, audit_offset  # noqa: E402
 
 from fakeworker import fake_worker_bin  # noqa: E402
-from finetune_operator import contract  # noqa: E402
+from finetune_api import contract  # noqa: E402
 
 SMALL = {"dataset": {"inline": [{"question": "q", "answer": "a"}]}, "resources": {"gpus": 1}}
 GHOST_NODE = "bench-node"  # pods the benchmark plays the kubelet for are bound here (no kubelet)

@@ -119,7 +119,7 @@ def main() -> None:
     if args.build_only:
         build(Path(args.workdir), args.shard_size)
         return
-    from finetune_operator.spec import parse_size
+    from finetune_api.spec import parse_size
 
     shard_bytes = parse_size(args.shard_size, "--shard-size")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))

@@ -43,7 +43,7 @@ def layout(root: Path, shards: int, shard_bytes: int) -> Path:
 
 
 def main() -> None:
-    from finetune_operator.specfields import parse_size
+    from finetune_api.fields import parse_size
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, default=2)

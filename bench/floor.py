@@ -19,12 +19,12 @@ import json
 import sys
 from typing import Any
 
-from finetune_operator import contract
+from finetune_api import contract
 from finetune_operator.cli import tune_gc
-from finetune_operator.kube import FOLLOW_TIMEOUT, Kube, resource_path
-from finetune_operator.observe import Observed
-from finetune_operator.passes import settings_from_env
-from finetune_operator.reconcile import Settings, reconcile
+from finetune_operator.cluster.kube import FOLLOW_TIMEOUT, Kube, resource_path
+from finetune_operator.cluster.passes import settings_from_env
+from finetune_operator.decisions.observe import Observed
+from finetune_operator.decisions.reconcile import Settings, reconcile
 
 
 async def launch(kube: Kube, job: dict[str, Any], settings: Settings, events: asyncio.Queue[dict[str, Any]]) -> None:

@@ -104,11 +104,23 @@ def peering_identity(now: float | None = None) -> str:
     return f"{user}@{socket.gethostname()}/{stamp}/{random.SystemRandom().randrange(16**4):04x}"
 
 
+# The top-level modules of the [operator] extra (pyproject.toml): only a missing one of these is a
+# missing extra; any other ModuleNotFoundError is a bug and is raised as such.
+OPERATOR_EXTRA_MODULES = frozenset({"kopf", "aiohttp", "kubernetes_asyncio", "prometheus_client"})
+
+
 def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int, verbose: bool,
                  log_format: str = "full", peering: str | None = None, priority: int | None = None) -> int:  # fmt: skip
-    import kopf
+    try:  # the [operator] extra: absent where only the worker is installed (the worker image)
+        import kopf
 
-    from . import handlers, metrics
+        from finetune_operator.cluster import handlers, metrics
+    except ModuleNotFoundError as e:
+        if e.name not in OPERATOR_EXTRA_MODULES:
+            raise
+        raise SystemExit(
+            f"finetune-operator run: {e.name} is not installed: pip install 'finetune-operator[operator]'"
+        ) from e
 
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat[log_format.upper()], log_refkey="object")
     for handler in logging.getLogger().handlers:
@@ -134,7 +146,7 @@ def run_operator(namespaces: list[str], liveness_port: int, metrics_port: int, v
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "local":
-        from .local import main as local_main
+        from finetune_operator.local.runner import main as local_main
 
         return local_main(args.file, args.workdir, args.timeout)
     return run_operator(args.namespace, args.liveness_port, args.metrics_port, args.verbose, args.log_format,

@@ -16,7 +16,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from finetune_operator.contract import (
+from finetune_api.contract import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
     STAGING_PREFIX,

@@ -19,16 +19,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune_operator.contract import CONFIG_ENV, DEFAULT_WORKSPACE, EXIT_INVALID
+from finetune_api.contract import CONFIG_ENV, DEFAULT_WORKSPACE, EXIT_INVALID
 
 from .preemption import PreemptionWatch
 
 if TYPE_CHECKING:
-    from finetune_operator.spec import FineTuneSpec
+    from finetune_api.spec import FineTuneSpec
 
 
 def _read_config(arg: str | None) -> str:
-    from finetune_operator.spec import SpecError
+    from finetune_api.spec import SpecError
 
     if arg in (None, "") and os.environ.get(CONFIG_ENV):
         return os.environ[CONFIG_ENV]
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     SIGTERM then must not turn a finished run into an exit by signal (143)."""
     watch = PreemptionWatch().install()  # first: everything below may be slow (a SIGTERM now still counts)
     try:
-        from finetune_operator.spec import SpecError, load_config
+        from finetune_api.spec import SpecError, load_config
 
         from .summary import write_summary
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.remote import is_s3
-from finetune_operator.spec import LOSS_COLUMNS, FineTuneSpec
+from finetune_api.remote import is_s3
+from finetune_api.spec import LOSS_COLUMNS, FineTuneSpec
 
 from .errors import InvalidInput
 

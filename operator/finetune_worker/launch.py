@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import (
+from finetune_api.contract import (
     CONFIG_ENV,
     EXIT_COMPLETED,
     EXIT_INVALID,
@@ -41,13 +41,12 @@ from finetune_operator.contract import (
     RESULT_INVALID,
     RESULT_PREEMPTED,
 )
-from finetune_operator.spec import FineTuneSpec
+from finetune_api.spec import FineTuneSpec
 
-from .errors import InvalidInput
+from .errors import EXIT_FAILED, InvalidInput
 from .preemption import PreemptionWatch
 from .summary import RANK_SUMMARIES_ENV, emit, write_summary
 
-EXIT_FAILED = 1
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torch's: seconds the agent waits for workers after SIGTERM
 DEFAULT_SHUTDOWN_TIMEOUT_S = "120"  # a step and a checkpoint; the pod's grace period must exceed it
 RDZV_ENV = ("PET_RDZV_ENDPOINT", "PET_RDZV_ID")

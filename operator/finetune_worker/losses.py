@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.distributed import GATHER_LOSSES, gather_across_devices
-from finetune_operator.spec import FineTuneSpec
+from finetune_api.distributed import GATHER_LOSSES, gather_across_devices
+from finetune_api.spec import FineTuneSpec
 
 from .errors import InvalidInput
-from .export.safeio import without_mmap_on_enodev
+from .safeio import without_mmap_on_enodev
 
 if TYPE_CHECKING:
     import torch

@@ -19,14 +19,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.contract import EXPORT_DIR, JOBS_ROOT_ENV, SOURCE_EXPORT_ENV
-from finetune_operator.remote import is_s3
-from finetune_operator.spec import BUILTIN_PREFIX, FineTuneSpec
+from finetune_api.contract import EXPORT_DIR, JOBS_ROOT_ENV, SOURCE_EXPORT_ENV
+from finetune_api.remote import is_s3
+from finetune_api.spec import BUILTIN_PREFIX, FineTuneSpec
 
 from .errors import InvalidInput
-from .export.safeio import without_mmap_on_enodev
 from .hubfetch import check_repo, classify
 from .hubfetch import offline as _offline
+from .safeio import without_mmap_on_enodev
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.remote import AWS_ENDPOINT_ENV, split_s3
+from finetune_api.remote import AWS_ENDPOINT_ENV, split_s3
 
 from .errors import InvalidInput, TransientError
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from finetune_operator.contract import PROGRESS_KEY, TERMINATION_LOG, TERMINATION_SUMMARY_MAX_BYTES
+from finetune_api.contract import PROGRESS_KEY, TERMINATION_LOG, TERMINATION_SUMMARY_MAX_BYTES
 
 TERMINATION_LOG_ENV = "FINETUNE_TERMINATION_LOG"  # tests and the local executor point this elsewhere
 RANK_SUMMARIES_ENV = "FINETUNE_RANK_SUMMARIES"  # set by launch.py: each rank's summary goes to <dir>/rank-<RANK>.json

@@ -1,6 +1,6 @@
 """`finetune-worker train`: validate, load, train (or resume) with checkpoints, publish `final/`.
 
-Exit codes (finetune_operator.contract): 0 only after `final/` is published; 75 on SIGTERM, after a
+Exit codes (finetune_api.contract): 0 only after `final/` is published; 75 on SIGTERM, after a
 graceful checkpoint at the next step boundary, or at once when it came before the first step (the
 CLI records it from start-up on: nothing trained, nothing claimed, existing checkpoints untouched);
 2 for invalid config or data (with a specific message); anything else is a failure the operator retries.
@@ -17,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import (
+from finetune_api.contract import (
     EXIT_COMPLETED,
     EXIT_INVALID,
     EXIT_PREEMPTED,
@@ -27,15 +27,15 @@ from finetune_operator.contract import (
     RESULT_INVALID,
     RESULT_PREEMPTED,
 )
-from finetune_operator.spec import FineTuneSpec
+from finetune_api.spec import FineTuneSpec
 
 from . import distributed as dist
-from .errors import InvalidInput, TransientError
+from .errors import EXIT_FAILED, InvalidInput, TransientError
+from .lora import add_lora, save_adapter
 from .preemption import PreemptionWatch, watching
 from .summary import emit, write_summary
 
 TRAINING_JSON = "training.json"
-EXIT_FAILED = 1
 
 
 def _versions() -> dict[str, str]:
@@ -105,56 +105,16 @@ def _newest_usable_checkpoint(workspace: Path, needs: tuple[str, ...]) -> Path |
 
 
 def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
-    from .checkpoints import clean_staging, list_checkpoints
-    from .data import load_training_data
-    from .modelsrc import resolve_base_model
-
-    if spec.training.precision == "fp16" and spec.resources.gpus == 0:
-        raise InvalidInput("spec.training.precision: fp16 needs a GPU")
-    dist.init(spec.distributed.resolved_backend(spec.resources.gpus))  # torchrun's group; no-op alone
-    base = resolve_base_model(spec, workspace)
-    data = load_training_data(spec, workspace)  # every data problem surfaces before the model loads
-    workspace.mkdir(parents=True, exist_ok=True)
-    if dist.is_main():  # rank 0 tidies the shared workspace; the others wait for it
-        for name in clean_staging(workspace):  # first: it renames back a final/ that a killed re-publish parked
-            emit("cleaned", name=name)
-    dist.barrier()
+    base, data = _prepare(spec, workspace)
     done = _completed(workspace / FINAL_DIR)
-    if done is not None:  # nothing to train; still leave no damaged checkpoint newer than a good one
-        from .losses import LOSS_STATE_FILE
-
-        if dist.is_main():
-            _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if spec.training.loss == "DenoisingAutoEncoderLoss" else ())
-        return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=done.get("steps"), checkpoint=FINAL_DIR,
-                       message="already trained: final/ exists")
+    if done is not None:  # nothing to train
+        return _already_trained(spec, workspace, done)
     if dist.agree_stop(watch.requested):  # SIGTERM during start-up: don't load the model only to drop it
         return _stopped_before_training(watch, None, None)
-
-    from transformers import set_seed
-
-    from .losses import LOSS_STATE_FILE, build_loss, check_loss_against_model, has_loss_state
-    from .modelsrc import load_sentence_transformer
-
-    set_seed(spec.training.seed)
-    model = load_sentence_transformer(base, spec)
-    check_loss_against_model(spec, model)
-    if spec.lora is not None:
-        _add_lora(model, spec)
-    loss = build_loss(spec, model, world_size=dist.world_size())
-    needs = (LOSS_STATE_FILE,) if has_loss_state(loss) else ()
-    if dist.is_main():  # rank 0 removes the damaged ones; then every rank resolves the same checkpoint
-        _newest_usable_checkpoint(workspace, needs)
-    dist.barrier()
-    resume = _newest_usable_checkpoint(workspace, needs)
+    model, loss, resume = _load_model(spec, workspace, base)
     resumed_from = resume.name if resume is not None else None
-    if resume is not None:  # where this attempt picks up (the local runner says it on screen)
-        state = _trainer_state(resume)
-        emit("resume", checkpoint=resume.name, step=state.get("global_step"), totalSteps=state.get("max_steps"))
     accumulation = _accumulation(resume)
-    emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
-         evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device),
-         **({"globalBatch": spec.training.batch_size * dist.world_size() * accumulation,
-             "gradientAccumulationSteps": accumulation} if dist.distributed() or accumulation > 1 else {}))
+    _announce_start(spec, base, data, model, resumed_from, accumulation)
     if dist.agree_stop(watch.requested):  # during model load: `resume` is the newest valid checkpoint
         return _stopped_before_training(watch, resumed_from, resumed_from)
 
@@ -167,12 +127,7 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         step, epoch, train_loss = trainer.state.global_step, float(trainer.state.epoch or 0), float(out.training_loss)
         if trainer.ft_stop.stopped_at_step is not None and step < trainer.state.max_steps:
-            newest = list_checkpoints(workspace)
-            cp = trainer.last_checkpoint or (newest[0].name if newest else None)
-            return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, step=step, checkpoint=cp,
-                           message=f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}"
-                           + (f"; saved {cp}" if cp and cp == trainer.last_checkpoint else ""),
-                           resumed_from=resumed_from)
+            return _stopped_in_training(trainer, workspace, step, resumed_from)
     metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))} if data.eval is not None else {}
     history = trainer.state.log_history if finished is None else _trainer_state(resume).get("log_history", [])
     info = {"baseModel": base, "lora": spec.lora is not None, "steps": step, "epochs": epoch,
@@ -185,6 +140,80 @@ def _run(spec: FineTuneSpec, workspace: Path, watch: PreemptionWatch) -> int:
     dist.barrier()  # final/ is published before any rank reports completion
     return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=step, checkpoint=FINAL_DIR,
                    message=f"trained {step} steps; result in {FINAL_DIR}/", resumed_from=resumed_from)
+
+
+def _prepare(spec: FineTuneSpec, workspace: Path) -> tuple[str, Any]:
+    """(base model, training data): every problem with the inputs surfaces here, before the model
+    loads; rank 0 tidies the shared workspace while the others wait for it."""
+    from .checkpoints import clean_staging
+    from .data import load_training_data
+    from .modelsrc import resolve_base_model
+
+    if spec.training.precision == "fp16" and spec.resources.gpus == 0:
+        raise InvalidInput("spec.training.precision: fp16 needs a GPU")
+    dist.init(spec.distributed.resolved_backend(spec.resources.gpus))  # torchrun's group; no-op alone
+    base = resolve_base_model(spec, workspace)
+    data = load_training_data(spec, workspace)  # every data problem surfaces before the model loads
+    workspace.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        for name in clean_staging(workspace):  # first: it renames back a final/ that a killed re-publish parked
+            emit("cleaned", name=name)
+    dist.barrier()
+    return base, data
+
+
+def _already_trained(spec: FineTuneSpec, workspace: Path, done: dict[str, Any]) -> int:
+    """Exit 0 at once: final/ exists. Still leaves no damaged checkpoint newer than a good one."""
+    from .losses import LOSS_STATE_FILE
+
+    if dist.is_main():
+        _newest_usable_checkpoint(workspace, (LOSS_STATE_FILE,) if spec.training.loss == "DenoisingAutoEncoderLoss" else ())
+    return _finish(RESULT_COMPLETED, EXIT_COMPLETED, step=done.get("steps"), checkpoint=FINAL_DIR,
+                   message="already trained: final/ exists")
+
+
+def _load_model(spec: FineTuneSpec, workspace: Path, base: str) -> tuple[Any, Any, Path | None]:
+    """(model with its LoRA adapter, loss, the checkpoint to resume from): every rank resolves the same one."""
+    from transformers import set_seed
+
+    from .losses import LOSS_STATE_FILE, build_loss, check_loss_against_model, has_loss_state
+    from .modelsrc import load_sentence_transformer
+
+    set_seed(spec.training.seed)
+    model = load_sentence_transformer(base, spec)
+    check_loss_against_model(spec, model)
+    if spec.lora is not None:
+        add_lora(model, spec)
+    loss = build_loss(spec, model, world_size=dist.world_size())
+    needs = (LOSS_STATE_FILE,) if has_loss_state(loss) else ()
+    if dist.is_main():  # rank 0 removes the damaged ones; then every rank resolves the same checkpoint
+        _newest_usable_checkpoint(workspace, needs)
+    dist.barrier()
+    resume = _newest_usable_checkpoint(workspace, needs)
+    if resume is not None:  # where this attempt picks up (the local runner says it on screen)
+        state = _trainer_state(resume)
+        emit("resume", checkpoint=resume.name, step=state.get("global_step"), totalSteps=state.get("max_steps"))
+    return model, loss, resume
+
+
+def _announce_start(spec: FineTuneSpec, base: str, data: Any, model: Any, resumed_from: str | None,
+                    accumulation: int) -> None:
+    emit("start", baseModel=base, resumeFrom=resumed_from, trainRows=len(data.train),
+         evalRows=len(data.eval) if data.eval is not None else 0, device=str(model.device),
+         **({"globalBatch": spec.training.batch_size * dist.world_size() * accumulation,
+             "gradientAccumulationSteps": accumulation} if dist.distributed() or accumulation > 1 else {}))
+
+
+def _stopped_in_training(trainer: Any, workspace: Path, step: int, resumed_from: str | None) -> int:
+    """Exit 75 for a SIGTERM during training, after the graceful checkpoint at the step boundary."""
+    from .checkpoints import list_checkpoints
+
+    newest = list_checkpoints(workspace)
+    cp = trainer.last_checkpoint or (newest[0].name if newest else None)
+    return _finish(RESULT_PREEMPTED, EXIT_PREEMPTED, step=step, checkpoint=cp,
+                   message=f"stopped by SIGTERM at step {step} of {trainer.state.max_steps}"
+                   + (f"; saved {cp}" if cp and cp == trainer.last_checkpoint else ""),
+                   resumed_from=resumed_from)
 
 
 def _trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -210,31 +239,6 @@ def _completed(final: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
-
-
-def _add_lora(model: Any, spec: FineTuneSpec) -> None:
-    from peft import LoraConfig, TaskType
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-    lo = spec.lora
-    assert lo is not None
-    hf = model.transformers_model
-    targets: Any = list(lo.target_modules) if lo.target_modules else DEFAULTS.get(hf.config.model_type, "all-linear")
-    names = {n.rsplit(".", 1)[-1] for n, _ in hf.named_modules()}
-    if lo.target_modules:
-        unknown = [t for t in lo.target_modules if t not in names and not any(n.endswith(t) for n, _ in hf.named_modules())]
-        if unknown:
-            raise InvalidInput(f"spec.lora.targetModules: {unknown} not in the model ({hf.config.model_type}); "
-                               f"linear layers include: {', '.join(sorted(_linear_names(hf))[:12])}")
-    config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
-                        use_rslora=lo.use_rslora, task_type=TaskType.FEATURE_EXTRACTION)
-    model.add_adapter(config)
-
-
-def _linear_names(hf: Any) -> set[str]:
-    import torch
-
-    return {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def _accumulation(resume: Path | None) -> int:
@@ -294,20 +298,3 @@ def _publish_final(model: Any, spec: FineTuneSpec, workspace: Path, info: dict[s
         model.save(str(staging))
     (staging / TRAINING_JSON).write_text(json.dumps(info, indent=2), encoding="utf-8")
     publish_dir(staging, workspace / FINAL_DIR)
-
-
-def save_adapter(model: Any, out: Path, base: str) -> None:
-    """peft's standard adapter layout (keys `base_model.model.<HF model path>`), plus the tokenizer."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    hf = model.transformers_model
-    out.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(hf)
-    state = {(k if k.startswith("base_model.model.") else f"base_model.model.{k}"): v.detach().cpu().contiguous()
-             for k, v in state.items()}
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = hf.peft_config["default"]
-    config.base_model_name_or_path = base
-    config.save_pretrained(str(out))
-    model.tokenizer.save_pretrained(str(out))

@@ -22,13 +22,13 @@ from sentence_transformers.base.sampler import DefaultBatchSampler
 from sentence_transformers.sentence_transformer.trainer import SentenceTransformerTrainer
 from torch.utils.data import RandomSampler
 
-from finetune_operator.contract import checkpoint_name
+from finetune_api.contract import checkpoint_name
 
 from . import distributed as dist
 from .callbacks import fault
 from .checkpoints import checkpoints_dir, publish_dir, rotate, staging_for
-from .export.safeio import load_file, without_mmap_on_enodev
 from .losses import load_loss_state, save_loss_state
+from .safeio import load_file, without_mmap_on_enodev
 from .summary import emit
 
 

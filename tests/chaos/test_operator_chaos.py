@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 from harness import Cluster, OperatorRunner, finetune_job
 
 from fakeworker import fake_worker_bin
-from finetune_operator import contract
+from finetune_api import contract
 
 pytestmark = pytest.mark.operator
 FAST_ENV = {"FINETUNE_RESYNC_SECONDS": "0.5", "FINETUNE_BACKOFF_SECONDS": "1", "FINETUNE_BACKOFF_MAX_SECONDS": "2",

@@ -8,7 +8,7 @@ Building blocks (no pytest here; fixtures live in conftest.py, benchmarks import
   missing) and namespace `default`; plus, unless `kubelet=False`, a TestKubelet (kubelet_sim.py)
   that runs the pods as local processes with the LocalPodExecutor. Synchronous helpers for tests:
   create/get/list/patch/delete/wait_for/history/events.
-- `OperatorRunner` / `run_operator(cluster)`: the real kopf operator (`finetune_operator.handlers`,
+- `OperatorRunner` / `run_operator(cluster)`: the real kopf operator (`finetune_operator.cluster.handlers`,
   or a registry you pass) in its own thread with its own event loop — kopf in the emulator's loop
   cannot shut down cleanly — logged in to the emulator through a login handler, with
   FINETUNE_KUBE_SERVER set for the operator's own API client. Stoppable and restartable.
@@ -43,7 +43,7 @@ from kube_emulator import FixedKubernetesEmulator  # noqa: E402
 from kube_store import Res  # noqa: E402
 from kubelet_sim import TestKubelet  # noqa: E402
 
-from finetune_operator import contract  # noqa: E402
+from finetune_api import contract  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "finetune.dev_finetunejobs.yaml"
@@ -321,7 +321,7 @@ class OperatorRunner:
 
     Args:
         url: the emulator's URL.
-        registry: kopf registry to run (default: import `finetune_operator.handlers`, use kopf's default).
+        registry: kopf registry to run (default: import `finetune_operator.cluster.handlers`, use kopf's default).
         namespaces: namespaces to serve; `clusterwide=True` serves them all.
         configure: called with the OperatorSettings after `fast_settings` (tests tune timers here).
         memo: kopf's memo object (handlers get it as `memo`).
@@ -349,7 +349,7 @@ class OperatorRunner:
         import kopf
 
         if self._registry is None:
-            import finetune_operator.handlers  # noqa: F401  (registers its handlers at import)
+            import finetune_operator.cluster.handlers  # noqa: F401  (registers its handlers at import)
 
             self._registry = kopf.get_default_registry()
         return self._registry

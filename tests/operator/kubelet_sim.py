@@ -28,7 +28,7 @@ from typing import Any
 from kube_emulator import FixedKubernetesEmulator
 from kube_store import Res, now_rfc3339
 
-from finetune_operator.executor import LocalPodExecutor
+from finetune_operator.local.executor import LocalPodExecutor
 
 NODE_NAME = "local-kubelet"
 EVICTION_MESSAGE = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 12Mi."

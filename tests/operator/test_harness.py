@@ -23,7 +23,7 @@ import pytest
 from harness import Cluster, finetune_job
 from kubelet_sim import TestKubelet
 
-from finetune_operator import contract
+from finetune_api import contract
 
 pytestmark = pytest.mark.operator
 

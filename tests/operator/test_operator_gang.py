@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from harness import finetune_job
 
-from finetune_operator.gang import POD_GROUP_COUNT, POD_GROUP_LABEL
+from finetune_operator.decisions.gang import POD_GROUP_COUNT, POD_GROUP_LABEL
 from tinymodel import pairs
 
 pytestmark = [pytest.mark.operator, pytest.mark.worker, pytest.mark.slow]

@@ -21,7 +21,7 @@ import pytest
 from harness import FAST_ENV, Cluster, OperatorRunner, finetune_job
 from test_operator_lifecycle import configure, spec, status, wait_phase
 
-from finetune_operator import contract
+from finetune_api import contract
 
 pytestmark = pytest.mark.operator
 IDLE_WINDOW = 4.0  # seconds watched after settling: 8 progress intervals at FINETUNE_RESYNC_SECONDS=0.5

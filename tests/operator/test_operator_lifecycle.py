@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from harness import Cluster, OperatorRunner, finetune_job
 
-from finetune_operator import contract
+from finetune_api import contract
 
 pytestmark = pytest.mark.operator
 

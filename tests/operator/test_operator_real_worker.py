@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from harness import finetune_job
 
-from finetune_operator.contract import API_VERSION, PLURAL
+from finetune_api.contract import API_VERSION, PLURAL
 from tinymodel import pairs
 
 pytestmark = [pytest.mark.operator, pytest.mark.worker, pytest.mark.slow]

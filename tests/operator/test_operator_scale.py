@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from harness import Cluster, finetune_job, run_operator
 
-from finetune_operator import contract
+from finetune_api import contract
 
 pytestmark = [pytest.mark.operator, pytest.mark.slow]
 N = 100

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from finetune_operator.kube import resource_path  # the operator's own URL builder
+from finetune_operator.cluster.kube import resource_path  # the operator's own URL builder
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
@@ -92,19 +92,33 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_pki(d: Path) -> None:
-    """ca.crt/ca.key, serving.crt/serving.key (127.0.0.1, localhost) and sa.key/sa.pub in `d`."""
+LOOPBACK_SANS = ("IP:127.0.0.1", "DNS:localhost")
+
+
+def make_pki(d: Path, sans: tuple[str, ...] = LOOPBACK_SANS) -> None:
+    """ca.crt/ca.key, serving.crt/serving.key (subjectAltNames `sans`: 127.0.0.1 and localhost by
+    default) and sa.key/sa.pub in `d`."""
     d.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
              "-days", "2", "-subj", "/CN=realapi-ca", cwd=d)  # fmt: skip
-    ext = d / "serving.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "serving.key", "-out", "serving.csr",
-             "-subj", "/CN=127.0.0.1", cwd=d)  # fmt: skip
-    _openssl("x509", "-req", "-in", "serving.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "serving.crt", "-days", "2", "-extfile", "serving.ext", cwd=d)  # fmt: skip
+    sign_certificate(d, "serving", "/CN=" + sans[0].split(":", 1)[1],
+                     f"subjectAltName={','.join(sans)}\nextendedKeyUsage=serverAuth\n")  # fmt: skip
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
+
+
+def sign_certificate(
+    d: Path, name: str, subject: str, extensions: str = "extendedKeyUsage=clientAuth\n"
+) -> Path:
+    """NAME.key and NAME.crt in `d`, signed by d/ca.crt for `subject` (e.g. "/CN=user/O=group"): a
+    client certificate unless `extensions` says otherwise. Returns the certificate's path."""
+    ext = d / f"{name}.ext"
+    ext.write_text(extensions)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", subject, cwd=d)  # fmt: skip
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.crt", "-days", "2", "-extfile", ext.name, cwd=d)  # fmt: skip
+    return d / f"{name}.crt"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -115,12 +129,13 @@ def cpu_seconds(pid: int) -> float:
     return float(t.user + t.system)
 
 
-def kubeconfig(server: str, ca_file: Path, token: str, user: str) -> dict[str, Any]:
+def kubeconfig(server: str, ca_file: Path, token: str, user: str, name: str = "realapi") -> dict[str, Any]:
+    """A kubeconfig whose cluster and context are called `name`."""
     return {
-        "apiVersion": "v1", "kind": "Config", "current-context": "realapi",
-        "clusters": [{"name": "realapi", "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
+        "apiVersion": "v1", "kind": "Config", "current-context": name,
+        "clusters": [{"name": name, "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
         "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [{"name": "realapi", "context": {"cluster": "realapi", "user": user, "namespace": "default"}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": user, "namespace": "default"}}],
     }  # fmt: skip
 
 
@@ -233,6 +248,8 @@ class Proc:
 class ControlPlane:
     """etcd, kube-apiserver and (when present) kube-controller-manager on loopback (module docstring)."""
 
+    context = "realapi"  # the kubeconfigs' cluster and context name
+
     def __init__(self, assets: Path, root: Path | None = None) -> None:
         self.assets = Path(assets)
         self.root = Path(root or tempfile.mkdtemp(prefix="realapi-"))
@@ -276,10 +293,10 @@ class ControlPlane:
         return proc
 
     # lifecycle
-    def _spawn(self, name: str, argv: list[str]) -> Proc:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log = self.root / f"{name}.log"
-        popen = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=self.root,
-                                 start_new_session=True)  # fmt: skip
+        popen = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=self.root,
+                                 start_new_session=True, env=env)  # fmt: skip
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -298,8 +315,38 @@ class ControlPlane:
         return self
 
     def _start(self, timeout: float) -> None:
-        pki = self.root / "pki"
-        make_pki(pki)
+        make_pki(self.root / "pki", self.serving_sans())
+        etcd_url = self._start_etcd(timeout)
+        self._write_auth_files()
+        self.port = self.port or free_port()
+        self.server = f"https://{self.server_host()}:{self.port}"
+        argv = [str(self.assets / "kube-apiserver"), *self.apiserver_args(etcd_url)]
+        apiserver = self._spawn("kube-apiserver", argv)
+        for who, token in self.tokens.items():
+            config = kubeconfig(self.server, self.ca_file, token, self.user_name(who), self.context)
+            self.kubeconfig_path(who).write_text(yaml.safe_dump(config))
+        admin = self.client()
+        self._wait_ready(admin, apiserver, timeout)
+        self.version = str(admin.request("GET", "/version").get("gitVersion", "?"))
+        self._start_controllers()
+        self._install()
+
+    # the pieces a subclass (tier 4's node cluster, tests/node) changes
+    def serving_sans(self) -> tuple[str, ...]:
+        return LOOPBACK_SANS
+
+    def server_host(self) -> str:
+        return "127.0.0.1"
+
+    def user_name(self, who: str) -> str:
+        return "admin" if who == "admin" else OPERATOR_USER
+
+    def token_lines(self) -> list[str]:
+        """tokens.csv: token,user,uid[,"group,..."]."""
+        return [f'{self.tokens["admin"]},admin,admin-uid,"system:masters"',
+                f"{self.tokens['operator']},{OPERATOR_USER},operator-uid"]  # fmt: skip
+
+    def _start_etcd(self, timeout: float) -> str:
         etcd_port, peer_port = free_port(), free_port()
         etcd = self._spawn("etcd", [str(self.assets / "etcd"), "--data-dir", str(self.root / "etcd"),
                                     "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
@@ -307,18 +354,18 @@ class ControlPlane:
                                     "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
                                     "--unsafe-no-fsync"])  # fmt: skip
         self._wait_http(f"http://127.0.0.1:{etcd_port}/health", etcd, timeout)
-        (self.root / "tokens.csv").write_text(
-            f'{self.tokens["admin"]},admin,admin-uid,"system:masters"\n'
-            f"{self.tokens['operator']},{OPERATOR_USER},operator-uid\n"
-        )
+        return f"http://127.0.0.1:{etcd_port}"
+
+    def _write_auth_files(self) -> None:
+        (self.root / "tokens.csv").write_text("".join(line + "\n" for line in self.token_lines()))
         (self.root / "audit-policy.yaml").write_text(yaml.safe_dump({
             "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["ResponseStarted", "ResponseComplete", "Panic"],
             "rules": [{"level": "Metadata"}]}))  # fmt: skip
-        self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
-        apiserver = self._spawn("kube-apiserver", [
-            str(self.assets / "kube-apiserver"),
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+
+    def apiserver_args(self, etcd_url: str) -> list[str]:
+        pki = self.root / "pki"
+        return [
+            f"--etcd-servers={etcd_url}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.port}",
             f"--tls-cert-file={pki / 'serving.crt'}", f"--tls-private-key-file={pki / 'serving.key'}",
             f"--client-ca-file={pki / 'ca.crt'}", f"--token-auth-file={self.root / 'tokens.csv'}",
@@ -329,15 +376,9 @@ class ControlPlane:
             f"--audit-policy-file={self.root / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",
             "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0",
             "--kubelet-preferred-address-types=InternalIP",
-        ])  # fmt: skip
-        for who in ("admin", "operator"):
-            user = "admin" if who == "admin" else OPERATOR_USER
-            self.kubeconfig_path(who).write_text(
-                yaml.safe_dump(kubeconfig(self.server, self.ca_file, self.tokens[who], user))
-            )
-        admin = self.client()
-        self._wait_ready(admin, apiserver, timeout)
-        self.version = str(admin.request("GET", "/version").get("gitVersion", "?"))
+        ]  # fmt: skip
+
+    def _start_controllers(self) -> None:
         if self.has_gc:
             self._spawn("kube-controller-manager", [
                 str(self.assets / "kube-controller-manager"),
@@ -345,6 +386,9 @@ class ControlPlane:
                 "--controllers=garbagecollector,namespace,pvc-protection", "--secure-port=0",
                 "--concurrent-gc-syncs=5",
             ])  # fmt: skip
+
+    def _install(self) -> None:
+        admin = self.client()
         # every CRD and the RBAC exactly as the kustomizations ship them (the operator's namespace first)
         self.kubectl("apply", "--server-side", "-k", str(REPO / "crds"))
         admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_USER.split(":")[2]}})

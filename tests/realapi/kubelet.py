@@ -5,11 +5,13 @@ It uses the project's LocalPodExecutor, as the local runner and the tier-3 emula
 kubelet of one node:
 
 - registers Node `realapi-node` (Ready, InternalIP 127.0.0.1, kubelet port = its log server);
-- watches every pod; an unscheduled pod whose PersistentVolumeClaims all exist is bound to the
+- watches every pod; an unscheduled pod without scheduling gates (Kueue's admission gate: the
+  scheduler leaves a gated pod alone) whose PersistentVolumeClaims all exist is bound to the
   node through `pods/binding` (one whose claim is missing gets PodScheduled=False Unschedulable,
   as the scheduler says it, and is retried when claims appear);
 - starts a pod bound to the node once, writes `pods/status` (Running; then the terminated state
-  with exit code, reason and termination message), as the kubelet does;
+  with exit code, reason and termination message) as a strategic merge patch, as the kubelet does
+  (so the conditions others set stay);
 - honours deletion: SIGTERM, waits the deletion's grace period, SIGKILL, reports the final
   state, then removes the pod with gracePeriodSeconds=0 (uid precondition), as a kubelet does;
 - serves `containerLogs` over HTTPS for `kubectl logs` / `pods/log` (the API server proxies to
@@ -39,7 +41,7 @@ from typing import Any
 
 from controlplane import ApiClient, ApiError
 
-from finetune_operator.executor import LocalPodExecutor, read_log_bytes
+from finetune_operator.local.executor import LocalPodExecutor, read_log_bytes
 
 NODE_NAME = "realapi-node"
 FOLLOW_POLL = 0.1  # seconds between looks at a followed pod's log file
@@ -233,6 +235,8 @@ class RealApiKubelet:
         if not node:
             if meta.get("deletionTimestamp") or meta["namespace"] in self.unscheduled_namespaces:
                 return
+            if (pod.get("spec") or {}).get("schedulingGates"):  # as the scheduler: a gated pod waits (Kueue)
+                return
             self._schedule(pod)
         elif node == NODE_NAME:
             if meta.get("deletionTimestamp"):
@@ -332,8 +336,11 @@ class RealApiKubelet:
             return
         meta = pod["metadata"]
         body = {"metadata": {"uid": uid}, "status": status}  # uid: never write over a newer pod of that name
+        # a strategic merge patch, as the kubelet sends: conditions merge by type, so those others
+        # set (Kueue's TerminationTarget, DisruptionTarget) stay
         with contextlib.suppress(ApiError):
-            self._pods[uid] = self.api.patch("v1", "pods", meta["namespace"], meta["name"], body, subresource="status")
+            self._pods[uid] = self.api.patch("v1", "pods", meta["namespace"], meta["name"], body, subresource="status",
+                                             content_type="application/strategic-merge-patch+json")  # fmt: skip
 
     def _terminate(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]

@@ -9,7 +9,7 @@ from typing import Any
 from controlplane import ControlPlane, wait_for
 from kubelet import RealApiKubelet
 
-from finetune_operator import contract
+from finetune_api import contract
 
 
 class Env:

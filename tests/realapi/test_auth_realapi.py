@@ -3,7 +3,7 @@ with short-lived client certificates (as Teleport's `tsh kube credentials` does)
 
 kubernetes_asyncio writes such a certificate to files once and never runs the plugin again, and
 the server refuses an expired certificate on every new request: the operator lost the API server
-when its first certificate expired. kubeauth.py runs the plugin again before the expiry (and after
+when its first certificate expired. cluster/auth.py runs the plugin again before the expiry (and after
 a 401), and kopf logs in again at the expiry its login handler reports.
 """
 

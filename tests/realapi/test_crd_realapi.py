@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from crdkit import samples
 from test_crd import BAD, UPDATES, _job
 
-from finetune_operator import contract
+from finetune_api import contract
 
 SAMPLES = samples()
 REPO = Path(__file__).resolve().parents[2]

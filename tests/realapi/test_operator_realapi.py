@@ -20,7 +20,7 @@ from controlplane import ApiError, ControlPlane, free_port
 from operator_proc import OperatorProcess
 from realenv import Env
 
-from finetune_operator import contract
+from finetune_api import contract
 
 pytestmark = pytest.mark.slow
 

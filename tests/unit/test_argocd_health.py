@@ -8,7 +8,7 @@ import pytest
 import yaml
 from crdkit import ROOT, schema
 
-from finetune_operator import status as status_module
+from finetune_operator.decisions import status as status_module
 
 ARGOCD = ROOT / "manifests" / "argocd"
 LUA = (ARGOCD / "health.lua").read_text()

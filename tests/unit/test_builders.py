@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from finetune_operator.builders import build_event, build_pod, build_pvc, config_too_large, worker_config
-from finetune_operator.spec import parse_spec
+from finetune_api.spec import parse_spec
+from finetune_operator.decisions.builders import (
+    build_event,
+    build_pod,
+    build_pvc,
+    config_too_large,
+    worker_config,
+)
 
 JOB: dict[str, Any] = {
     "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from finetune_api.spec import SpecError, parse_spec
 from finetune_operator import cli as operator_cli
-from finetune_operator import local
-from finetune_operator.spec import SpecError, parse_spec
+from finetune_operator.local import runner as local
 from finetune_worker import cli as worker_cli
 
 

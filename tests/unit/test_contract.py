@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_operator.contract import checkpoint_name, checkpoint_step
+from finetune_api.contract import checkpoint_name, checkpoint_step
 
 
 @pytest.mark.parametrize("step", [0, 1, 200, 10**9])

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from crdkit import admit, cel_errors, cel_rules, crd, refusals, samples, schema, version
 
-from finetune_operator.contract import GROUP, KIND, PLURAL, VERSION
-from finetune_operator.spec import FineTuneSpec, SpecError, parse_spec
+from finetune_api.contract import GROUP, KIND, PLURAL, VERSION
+from finetune_api.spec import FineTuneSpec, SpecError, parse_spec
 
 SAMPLES = samples()
 LORA = SAMPLES["finetune_v1alpha1_finetunejob_lora.yaml"]
@@ -298,8 +298,8 @@ def test_every_cel_rule_is_exercised() -> None:
 
 def test_enums_are_the_parsers_choices() -> None:
     """A value the parser accepts is never refused by the API server, and the reverse."""
-    from finetune_operator import spec as sp
-    from finetune_operator.contract import EXPORT_FORMATS
+    from finetune_api import spec as sp
+    from finetune_api.contract import EXPORT_FORMATS
 
     s = schema()["properties"]["spec"]["properties"]
     t = s["training"]["properties"]

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.builders import build_pod
-from finetune_operator.executor import LocalPodExecutor
-from finetune_operator.observe import Observed
-from finetune_operator.reconcile import Settings, reconcile
-from finetune_operator.spec import SpecError, parse_spec
+from finetune_api.spec import SpecError, parse_spec
+from finetune_operator.decisions.builders import build_pod
+from finetune_operator.decisions.observe import Observed
+from finetune_operator.decisions.reconcile import Settings, reconcile
+from finetune_operator.local.executor import LocalPodExecutor
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 CREDS = {
@@ -137,7 +137,7 @@ def test_local_executor_passes_the_users_environment_not_an_unmounted_secret(tmp
 
 
 def test_status_export_lists_the_pushed_targets_from_the_export_summary() -> None:
-    from finetune_operator.observe import PodObservation
+    from finetune_operator.decisions.observe import PodObservation
 
     pushed = [{"target": "s3://exports/faq/", "digest": "etag:abc", "bytes": 10},
               {"target": "oci://registry.example.com:5000/team/faq:v1", "digest": "sha256:" + "0" * 64, "bytes": 10}]

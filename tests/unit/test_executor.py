@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.executor import LocalPodExecutor, parse_memory_quantity, wait_until
+from finetune_operator.local.executor import LocalPodExecutor, wait_until
+from finetune_operator.local.executor.podspec import parse_memory_quantity
 
 PY = Path(sys.executable).name  # resolved in bin_dir (the venv's bin), like finetune-worker
 

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from test_reconcile import apply
 
-from finetune_operator import handlers
-from finetune_operator.builders import JOBS_ROOT, SourceWorkspace, build_pod
-from finetune_operator.informer import Informer
-from finetune_operator.observe import Observed, PodObservation
-from finetune_operator.reconcile import Plan, Settings, reconcile
-from finetune_operator.spec import parse_spec
-from finetune_operator.status import get_condition
+from finetune_api.spec import parse_spec
+from finetune_operator.cluster import handlers
+from finetune_operator.cluster.informer import Informer
+from finetune_operator.decisions.builders import JOBS_ROOT, SourceWorkspace, build_pod
+from finetune_operator.decisions.observe import Observed, PodObservation
+from finetune_operator.decisions.reconcile import Plan, Settings, reconcile
+from finetune_operator.decisions.status import get_condition
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 SETTINGS = Settings(worker_image="worker:test", pending_interval=10, progress_interval=5)

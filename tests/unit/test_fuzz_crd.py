@@ -22,9 +22,9 @@ from fuzzkit import FUZZ, NASTY_STRINGS, VALID_SPECS, field_resolves
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from finetune_operator.observe import Observed
-from finetune_operator.reconcile import Settings, reconcile
-from finetune_operator.spec import SpecError, parse_spec
+from finetune_api.spec import SpecError, parse_spec
+from finetune_operator.decisions.observe import Observed
+from finetune_operator.decisions.reconcile import Settings, reconcile
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 FUZZ_CRD = settings(FUZZ, max_examples=300)

@@ -22,10 +22,10 @@ from fuzzkit import FUZZ
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from finetune_operator.builders import LABEL_ATTEMPT, LABEL_ROLE, ROLE_EXPORT, ROLE_TRAIN
-from finetune_operator.observe import Observed, observe_pod
-from finetune_operator.reconcile import Plan, Settings, reconcile
-from finetune_operator.status import PHASES, TERMINAL_PHASES, merge_patch
+from finetune_operator.decisions.builders import LABEL_ATTEMPT, LABEL_ROLE, ROLE_EXPORT, ROLE_TRAIN
+from finetune_operator.decisions.observe import Observed, observe_pod
+from finetune_operator.decisions.reconcile import Plan, Settings, reconcile
+from finetune_operator.decisions.status import PHASES, TERMINAL_PHASES, merge_patch
 
 FUZZ_SIM = settings(FUZZ, max_examples=150)  # each example is up to 65 passes
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)

@@ -24,7 +24,7 @@ from fuzzkit import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from finetune_operator.spec import FineTuneSpec, SpecError, load_config, parse_spec
+from finetune_api.spec import FineTuneSpec, SpecError, load_config, parse_spec
 
 # Cross-field rules report on the other field of the pair, so a mutation may surface there.
 CROSS_FIELDS = ("spec.lora", "spec.export.formats", "spec.training.precision", "spec.dataset.columns.",

@@ -7,10 +7,16 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.builders import build_pvc
-from finetune_operator.gang import POD_GROUP_COUNT, POD_GROUP_LABEL, dns_label, member_name, service_name
-from finetune_operator.observe import PodObservation
-from finetune_operator.spec import parse_spec
+from finetune_api.spec import parse_spec
+from finetune_operator.decisions.builders import build_pvc
+from finetune_operator.decisions.gang import (
+    POD_GROUP_COUNT,
+    POD_GROUP_LABEL,
+    dns_label,
+    member_name,
+    service_name,
+)
+from finetune_operator.decisions.observe import PodObservation
 from unit.test_reconcile import T0, job, kinds, step
 
 LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -9,10 +9,10 @@ from typing import Any
 import kopf
 import pytest
 
-from finetune_operator import handlers
-from finetune_operator.kube import ApiError
-from finetune_operator.observe import Observed
-from finetune_operator.reconcile import reconcile
+from finetune_operator.cluster import handlers
+from finetune_operator.cluster.kube import ApiError
+from finetune_operator.decisions.observe import Observed
+from finetune_operator.decisions.reconcile import reconcile
 
 
 class RefusingKube:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from test_reconcile import T0, job, reasons, started, step
 
-from finetune_operator.observe import observe_pod
+from finetune_operator.decisions.observe import observe_pod
 
 SCHEDULER_SAID = "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod."
 
@@ -39,8 +39,8 @@ PULL_BACKOFF = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "sta
     ("status", "spec", "held"),
     [
         (UNSCHEDULABLE, None, ("Unschedulable", SCHEDULER_SAID)),
-        (GATED, {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]},
-         ("SchedulingGated", "held by scheduling gate kueue.x-k8s.io/admission")),
+        (GATED, {"schedulingGates": [{"name": "example.com/capacity-check"}]},
+         ("SchedulingGated", "held by scheduling gate example.com/capacity-check")),
         (PULL_BACKOFF, None, ("ImagePullBackOff", 'Back-off pulling image "registry.example/worker:nope"')),
         ({"phase": "Pending", "containerStatuses": [{"state": {"waiting": {"reason": "ContainerCreating"}}}]}, None, None),
         ({"phase": "Running", "conditions": UNSCHEDULABLE["conditions"]}, None, None),
@@ -75,9 +75,10 @@ def test_an_unschedulable_training_pod_says_what_the_scheduler_said_once() -> No
 
 
 def test_a_gated_pod_says_it_waits_for_admission_without_a_warning() -> None:
-    j, plan = _held_step(started(job()), "faq-train-1", GATED, {"schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]})
+    # (Kueue's own gate is said in Kueue's words: test_kueue.py)
+    j, plan = _held_step(started(job()), "faq-train-1", GATED, {"schedulingGates": [{"name": "example.com/capacity-check"}]})
     assert (j["status"]["phase"], j["status"]["reason"]) == ("Pending", "SchedulingGated")
-    assert "kueue.x-k8s.io/admission" in j["status"]["message"]
+    assert "example.com/capacity-check" in j["status"]["message"]
     assert [(e["type"], e["reason"]) for e in plan.events] == [("Normal", "SchedulingGated")]
 
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_operator.observe import Observed
-from finetune_operator.reconcile import Settings, reconcile
-from finetune_operator.spec import MAX_INLINE_RECORDS, SpecError, load_config, parse_spec
+from finetune_api.spec import MAX_INLINE_RECORDS, SpecError, load_config, parse_spec
+from finetune_operator.decisions.observe import Observed
+from finetune_operator.decisions.reconcile import Settings, reconcile
 
 OK = {"dataset": {"inline": [{"anchor": "a", "positive": "b"}]}, "resources": {"gpus": 0}}
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)

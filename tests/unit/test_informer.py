@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from test_reconcile import SETTINGS, T0, job, pod, started, step
 
-from finetune_operator import handlers, passes
-from finetune_operator.informer import Informer, Scheduler
-from finetune_operator.kube import ApiError
-from finetune_operator.observe import observe_pod
+from finetune_operator.cluster import handlers, passes
+from finetune_operator.cluster.informer import Informer, Scheduler
+from finetune_operator.cluster.kube import ApiError
+from finetune_operator.decisions.observe import observe_pod
 
 OUTAGE = "cannot read the log of pod faq-train-1: 500 InternalError"
 PROGRESS = {"step": 5, "totalSteps": 20}
@@ -296,8 +296,7 @@ class ListingKube:
 
 
 def test_the_cache_check_lists_each_namespace_once_per_kind_and_looks_at_touched_jobs_again() -> None:
-    from finetune_operator import passes
-
+    from finetune_operator.cluster import passes
     pods = {("ml", "faq"): [{"metadata": {"name": "faq-train-1", "namespace": "ml", "resourceVersion": "5"}}]}
     inf = Informer(jobs={("ml", "faq"): [body("faq", 4)]}, pods=pods)
     kube = ListingKube({"finetunejobs": {"metadata": {"resourceVersion": "20"}, "items": [body("faq", 4)]},

@@ -1,4 +1,4 @@
-"""The operator's API client (kubernetes_asyncio under kube.py) and kopf's login, against a local
+"""The operator's API client (kubernetes_asyncio under cluster/kube.py) and kopf's login, against a local
 TLS server that checks what each request carries: a rotated service-account token file, a
 kubeconfig client certificate, an exec credential plugin."""
 
@@ -21,7 +21,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from finetune_operator import handlers, kube, kubeauth
+from finetune_operator.cluster import auth as kubeauth
+from finetune_operator.cluster import handlers, kube
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.spec import parse_spec
+from finetune_api.spec import parse_spec
 from finetune_worker.launch import pod_outcome, torchrun_args
 
 

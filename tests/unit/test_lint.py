@@ -31,7 +31,7 @@ def _tool(name: str) -> str:
     "argv",
     [
         ["lint-imports"],
-        ["mypy", "operator/finetune_operator"],
+        ["mypy", "operator/finetune_api", "operator/finetune_operator"],
         ["ruff", "check", "operator", "tests", "bench"],
     ],
     ids=["import-layers", "mypy-strict-control-plane", "ruff"],

@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from fakeworker import fake_worker_bin
-from finetune_operator.executor import wait_until
-from finetune_operator.local import LocalRunner, load_job, main
-from finetune_operator.reconcile import Settings
+from finetune_operator.decisions.reconcile import Settings
+from finetune_operator.local.executor import wait_until
+from finetune_operator.local.jobfiles import load_job
+from finetune_operator.local.runner import LocalRunner, main
 
 FAST = Settings(worker_image="local", grace_seconds=10, backoff_base=0.1, backoff_max=0.2,
                 progress_interval=0.1, pending_interval=0.1)  # fmt: skip
@@ -90,7 +91,7 @@ def test_invalid_file_is_refused_with_the_field(tmp_path: Path) -> None:
 
 
 def test_data_next_to_the_yaml_is_staged_into_the_workspace(tmp_path: Path, fake_bin: Path) -> None:
-    from finetune_operator.local import stage_inputs
+    from finetune_operator.local.jobfiles import stage_inputs
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n')
@@ -139,7 +140,7 @@ def test_a_from_job_continuation_waits_for_its_source_and_reads_its_export(tmp_p
     (shown / "finetune-worker").chmod(0o755)
     f = tmp_path / "both.yaml"  # the continuation first: order does not matter
     f.write_text(yaml.safe_dump_all([NEXT, PREV]))
-    from finetune_operator.local import load_jobs
+    from finetune_operator.local.jobfiles import load_jobs
 
     out = io.StringIO()
     r = LocalRunner(load_jobs(f), tmp_path / "work", out=out, settings=FAST, bin_dir=shown)
@@ -196,7 +197,7 @@ def test_jobs_that_cannot_run_together_are_refused_before_anything_starts(
 
 
 def test_a_read_only_sub_path_mount_of_another_claim_is_reachable_through_its_env_var(tmp_path: Path) -> None:
-    from finetune_operator.executor import LocalPodExecutor
+    from finetune_operator.local.executor import LocalPodExecutor
 
     with LocalPodExecutor(tmp_path) as ex:
         (ex.pvc_dir("prev-workspace") / "export").mkdir()

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from finetune_operator import logfollow
-from finetune_operator.logfollow import LogFollower
-from finetune_operator.observe import parse_log_tail
+from finetune_operator.cluster import logfollow
+from finetune_operator.cluster.logfollow import LogFollower
+from finetune_operator.decisions.observe import parse_log_tail
 
 
 class Server:

@@ -133,6 +133,8 @@ def test_rbac_is_least_privilege() -> None:
         ("", "events"): {"create"},
         # spec.credentials: a named Secret's keys, checked before a launch; never list or watch
         ("", "secrets"): {"get"},
+        # Kueue: a queued pod's Workload says why it waits; read, never written
+        ("kueue.x-k8s.io", "workloads"): {"get", "list", "watch"},
     }
     assert grants == want
     roles = by_kind(docs, "ClusterRole")
@@ -222,8 +224,8 @@ def test_children_the_operator_creates_for_a_sample_are_valid_kubernetes(name: s
     import kubernetes_validate
     from crdkit import admit, samples
 
-    from finetune_operator.builders import build_event, build_pod, build_pvc
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
+    from finetune_operator.decisions.builders import build_event, build_pod, build_pvc
 
     job = admit(samples()[name])
     job["metadata"].update(namespace="ml", uid="0b6f7c1e-2f44-4a51-9a55-1f7d0c3b8a10", generation=1)

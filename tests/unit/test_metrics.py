@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from finetune_operator import metrics
+from finetune_operator.cluster import metrics
 
 
 def _jobs(phase: str) -> float:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.observe import classify, observe_pod, parse_log_tail, parse_summary
+from finetune_operator.decisions.observe import classify, observe_pod, parse_log_tail, parse_summary
 
 
 def terminated(code: int, reason: str = "Error", phase: str = "Failed", **pod_status: Any) -> dict[str, Any]:

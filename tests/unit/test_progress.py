@@ -9,8 +9,8 @@ import io
 from crdkit import version
 from test_reconcile import job, pod, started, step
 
-from finetune_operator.localprogress import CLEAR, LiveScreen, progress_text
-from finetune_operator.observe import parse_log_tail
+from finetune_operator.decisions.observe import parse_log_tail
+from finetune_operator.local.progress import CLEAR, LiveScreen, progress_text
 
 TRAINING = {"phase": "Training", "progress": {"step": 12, "totalSteps": 20, "loss": 0.43217, "samplesPerSecond": 23.46,
                                               "etaSeconds": 72}}  # fmt: skip
@@ -75,7 +75,7 @@ def test_not_a_terminal_prints_plain_lines_at_most_every_interval() -> None:
 def test_rerun_reloads_a_status_carries_on_and_starts_afresh_after_a_failure(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from finetune_operator.localstory import newest_checkpoint, reload_status
+    from finetune_operator.local.story import newest_checkpoint, reload_status
 
     f = tmp_path / "status.json"
     assert reload_status(f) == (None, None)

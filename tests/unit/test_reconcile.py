@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.builders import CONFIG_ENV_MAX_BYTES
-from finetune_operator.observe import Observed, PodObservation
-from finetune_operator.reconcile import Plan, Settings, reconcile
-from finetune_operator.status import get_condition, merge_patch
+from finetune_operator.decisions.builders import CONFIG_ENV_MAX_BYTES
+from finetune_operator.decisions.observe import Observed, PodObservation
+from finetune_operator.decisions.reconcile import Plan, Settings, reconcile
+from finetune_operator.decisions.status import get_condition, merge_patch
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 SETTINGS = Settings(worker_image="worker:test", backoff_base=10, backoff_max=300, grace_seconds=120)

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from finetune_operator import passes
-from finetune_operator.kube import ApiError
-from finetune_operator.spec import parse_spec
+from finetune_api.spec import parse_spec
+from finetune_operator.cluster import passes
+from finetune_operator.cluster.kube import ApiError
 
 
 class ForbiddenKube:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_operator.spec import SpecError, load_config, parse_spec
+from finetune_api.spec import SpecError, load_config, parse_spec
 
 MINIMAL = {"dataset": {"inline": [{"anchor": "a", "positive": "b"}]}}
 
@@ -71,7 +71,7 @@ def test_load_config_accepts_whole_object_or_spec_yaml_or_json() -> None:
 def test_yaml_numbers_read_as_kubectl_reads_them() -> None:
     """PyYAML's YAML 1.1 reads `2e-5` as a string; kubectl (YAML 1.2) as a number. A job file given
     to `finetune-operator local` or `--config` must mean what it means to the API server."""
-    from finetune_operator.spec import load_config, yaml_load
+    from finetune_api.spec import load_config, yaml_load
 
     assert yaml_load("a: 2e-5\nb: 5e-05\nc: 1.0e-4\nd: 3\ne: '2e-5'\nf: v1.2e3") == {
         "a": 2e-5, "b": 5e-5, "c": 1e-4, "d": 3, "e": "2e-5", "f": "v1.2e3"}  # fmt: skip

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.distributed import gather_across_devices
-from finetune_operator.spec import SpecError, parse_spec
+from finetune_api.distributed import gather_across_devices
+from finetune_api.spec import SpecError, parse_spec
 
 PAIRS = [{"anchor": "a", "positive": "b"}]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune_operator import status as S
+from finetune_operator.decisions import status as S
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:

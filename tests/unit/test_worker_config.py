@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from finetune_operator.builders import build_pod
-from finetune_operator.spec import load_config, parse_spec
+from finetune_api.spec import load_config, parse_spec
+from finetune_operator.decisions.builders import build_pod
 
 
 def test_small_learning_rates_survive_the_trip_to_the_worker() -> None:

@@ -22,7 +22,7 @@ def spec(
     export: dict[str, Any] | None = None,
     eval_inline: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """A FineTuneJob spec dict for `finetune_operator.spec.parse_spec`."""
+    """A FineTuneJob spec dict for `finetune_api.spec.parse_spec`."""
     from tinymodel import pairs
 
     s: dict[str, Any] = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_operator.spec import parse_spec
+from finetune_api.spec import parse_spec
 from finetune_worker.data import load_training_data
 from finetune_worker.export.evaluate import eval_rows
 

@@ -24,7 +24,7 @@ def termlog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _run(spec_dict: dict, ws: Path) -> int:
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
     from finetune_worker.export import run_export
 
     return run_export(parse_spec(spec_dict), ws)
@@ -157,7 +157,7 @@ def test_bf16_export_is_verified_by_cosine(tiny_model: Path, tmp_path: Path) -> 
     meta = json.loads((ws / "export" / "metadata.json").read_text())
     assert meta["verify"]["lowPrecision"] is True and meta["verify"]["minCosine"] >= 0.999
     index = ws / "export" / "sentence-transformers" / "model.safetensors"
-    from finetune_worker.export.safeio import read_header
+    from finetune_worker.safeio import read_header
 
     assert {t.dtype for t in read_header(index)[0].values()} == {"BF16"}  # exported in the base's dtype
 
@@ -424,7 +424,7 @@ def test_export_of_a_real_training_result(lora: bool, tiny_model: Path, tmp_path
     train = pytest.importorskip("finetune_worker.train", reason="the training worker has not landed yet")
     from sentence_transformers import SentenceTransformer
 
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
 
     s = spec(
         tiny_model, lora=dict(LORA_SPEC) if lora else None, export={"formats": ["sentence-transformers"]}

@@ -31,7 +31,7 @@ FALLBACK_CLI = (
 
 
 def _run(spec_dict: dict[str, Any], ws: Path) -> int:
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
     from finetune_worker.export import run_export
 
     return run_export(parse_spec(spec_dict), ws)

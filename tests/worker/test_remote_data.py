@@ -86,7 +86,7 @@ def test_s3_base_model_prefix_is_downloaded_once_and_loads(
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
     from finetune_worker.modelsrc import resolve_base_model
 
     with moto_s3() as endpoint:

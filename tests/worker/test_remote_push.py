@@ -49,7 +49,7 @@ def _spec(base: Path, push: list[str]) -> dict[str, Any]:
 
 
 def _export(spec_dict: dict[str, Any], ws: Path, termlog: Path) -> tuple[int, dict[str, Any]]:
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
     from finetune_worker.export import run_export
 
     rc = run_export(parse_spec(spec_dict), ws, {"name": "faq", "namespace": "ml"})
@@ -186,7 +186,7 @@ def test_a_worker_killed_mid_push_leaves_nothing_that_looks_complete(tiny_model:
 
 def test_registry_503_is_transient_and_a_retry_completes_the_artifact(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune_operator.remote import parse_oci_ref
+    from finetune_api.remote import parse_oci_ref
     from finetune_worker.errors import TransientError
     from finetune_worker.export.push import push_oci
 

@@ -17,7 +17,7 @@ ROWS = [{"question": f"what is item {i}?", "answer": f"item {i} is a thing", "ex
 
 
 def _spec(dataset: dict[str, Any], loss: str = "MultipleNegativesRankingLoss") -> Any:
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
 
     return parse_spec({"dataset": dataset, "training": {"loss": loss, "seed": 7}, "resources": {"gpus": 0}})
 

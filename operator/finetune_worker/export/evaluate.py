@@ -14,19 +14,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.spec import FineTuneSpec
+from finetune_api.spec import FineTuneSpec
 
-from ..errors import InvalidInput
+from ..errors import GateFailed, InvalidInput
 
 SIMILARITY_METRICS = ("spearman", "pearson")
-
-
-class GateFailed(RuntimeError):
-    """The export scored below spec.export.evaluate.min (permanent: exit 2)."""
-
-    def __init__(self, message: str, metrics: dict[str, float]) -> None:
-        super().__init__(message)
-        self.metrics = metrics
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

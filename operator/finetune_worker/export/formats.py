@@ -15,9 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.spec import FineTuneSpec
+from finetune_api.spec import FineTuneSpec
 
-from .merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, WEIGHTS_NAME
+from .merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .shards import INDEX_NAME, WEIGHTS_NAME
 
 ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 WEIGHT_FILES = (WEIGHTS_NAME, INDEX_NAME, "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -100,40 +101,9 @@ def build_sentence_transformers(
     hf_src = transformer_dir(scaffold)
     build_huggingface(out, hf_src, weights_dir, tokenizer_src)
     if modules is None:  # a plain HF base: Transformer at the root, pooling from the spec (mean by default)
-        sbert = {"max_seq_length": spec.training.max_seq_length} if spec.training.max_seq_length else {}
-        (out / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2) + "\n")
-        (out / "config_sentence_transformers.json").write_text(
-            json.dumps({"model_type": "SentenceTransformer", "similarity_fn_name": "cosine"}, indent=2) + "\n"
-        )
-        modules = [{"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_TYPE}]
-        dim = json.loads((out / "config.json").read_text()).get("hidden_size")
-        modules.append(_pooling_module(out, 1, dim, spec.export.pooling or "mean"))
+        modules = _modules_for_plain_hf(out, spec)
     else:
-        for name in ST_FILES:
-            if (hf_src / name).exists() and not (out / name).exists():
-                shutil.copy2(hf_src / name, out / name)
-            elif (scaffold / name).exists():
-                shutil.copy2(scaffold / name, out / name)
-        kept = []
-        for m in modules:
-            path = m.get("path", "")
-            if m.get("type", "").endswith("Transformer"):
-                m = {**m, "path": ""}
-            elif m.get("type", "").endswith("Normalize"):
-                continue  # re-added below per spec.export.normalize
-            elif m.get("type", "").endswith("Pooling") and spec.export.pooling:
-                dim = _pooling_dim(scaffold / path) or json.loads((out / "config.json").read_text()).get(
-                    "hidden_size"
-                )
-                m = _pooling_module(out, len(kept), dim, spec.export.pooling, name=m.get("name"), path=path)
-            elif path:
-                src = scaffold / path
-                if src.is_dir():
-                    shutil.copytree(src, out / path, dirs_exist_ok=True)
-                else:
-                    (out / path).mkdir(parents=True, exist_ok=True)
-            kept.append(m)
-        modules = kept
+        modules = _modules_from_scaffold(out, scaffold, hf_src, modules, spec)
     if spec.export.normalize:
         n = len(modules)
         (out / f"{n}_Normalize").mkdir(exist_ok=True)
@@ -150,6 +120,51 @@ def build_sentence_transformers(
         "normalize": spec.export.normalize,
         "modules": [m["type"] for m in modules],
     }
+
+
+def _modules_for_plain_hf(out: Path, spec: FineTuneSpec) -> list[dict[str, Any]]:
+    """The sentence-transformers files for a plain HF model: its Transformer at the root, then Pooling."""
+    sbert = {"max_seq_length": spec.training.max_seq_length} if spec.training.max_seq_length else {}
+    (out / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2) + "\n")
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps({"model_type": "SentenceTransformer", "similarity_fn_name": "cosine"}, indent=2) + "\n"
+    )
+    modules = [{"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_TYPE}]
+    dim = json.loads((out / "config.json").read_text()).get("hidden_size")
+    modules.append(_pooling_module(out, 1, dim, spec.export.pooling or "mean"))
+    return modules
+
+
+def _modules_from_scaffold(
+    out: Path, scaffold: Path, hf_src: Path, modules: list[dict[str, Any]], spec: FineTuneSpec
+) -> list[dict[str, Any]]:
+    """The scaffold's modules, its Transformer moved to the root, its Pooling replaced when the spec
+    names one, its Normalize dropped (added back per spec.export.normalize); the other modules copied."""
+    for name in ST_FILES:
+        if (hf_src / name).exists() and not (out / name).exists():
+            shutil.copy2(hf_src / name, out / name)
+        elif (scaffold / name).exists():
+            shutil.copy2(scaffold / name, out / name)
+    kept = []
+    for m in modules:
+        path = m.get("path", "")
+        if m.get("type", "").endswith("Transformer"):
+            m = {**m, "path": ""}
+        elif m.get("type", "").endswith("Normalize"):
+            continue  # re-added by the caller per spec.export.normalize
+        elif m.get("type", "").endswith("Pooling") and spec.export.pooling:
+            dim = _pooling_dim(scaffold / path) or json.loads((out / "config.json").read_text()).get(
+                "hidden_size"
+            )
+            m = _pooling_module(out, len(kept), dim, spec.export.pooling, name=m.get("name"), path=path)
+        elif path:
+            src = scaffold / path
+            if src.is_dir():
+                shutil.copytree(src, out / path, dirs_exist_ok=True)
+            else:
+                (out / path).mkdir(parents=True, exist_ok=True)
+        kept.append(m)
+    return kept
 
 
 def _pooling_dim(pooling_dir: Path) -> int | None:

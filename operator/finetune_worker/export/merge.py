@@ -5,9 +5,9 @@ For each output shard: read each base tensor (pread, one at a time), add the LoR
 `get_delta_weight`) to target weights, replace modules_to_save tensors, write. Untouched tensors
 are copied file to file. Memory stays at one tensor plus the adapter, whatever the model size.
 
-The output shards and `model.safetensors.index.json` follow `save_pretrained`'s rules (tensors in
-the model's state-dict order, split greedily at `max_shard_bytes`), so a streamed export is
-laid out like one from peft's `merge_and_unload()` + `save_pretrained`.
+The output shards and `model.safetensors.index.json` follow `save_pretrained`'s rules (shards.py:
+tensors in the model's state-dict order, split greedily at `max_shard_bytes`), so a streamed export
+is laid out like one from peft's `merge_and_unload()` + `save_pretrained`.
 
 Adapter kinds streaming does not cover (DoRA, LoRA bias, conv layers, target_parameters,
 trainable tokens, ...) are named by `unsupported_reason`; the caller then uses `peft_merge`.
@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInput
-from .safeio import ShardWriter, TensorInfo, load_file, read_header, read_tensor
+from ..safeio import ShardWriter, TensorInfo, load_file, read_header, read_tensor
+from .shards import INDEX_NAME, WEIGHTS_NAME, shard_layout, shard_names, state_dict_order
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
@@ -213,69 +212,6 @@ def delta(target: Target) -> Any:
     return out.T if target.transpose else out
 
 
-def _dot_natural_key(s: str) -> list[tuple[Any, ...]]:
-    """transformers 5's `core_model_loading.dot_natural_key` (copied: importing it costs seconds)."""
-    parts: list[tuple[Any, ...]] = []
-    for part in s.split("."):
-        if part.isdigit():
-            parts.append((0, int(part)))
-        else:
-            text = part.rstrip("0123456789")
-            digits = part[len(text) :]
-            parts.append((1, text, int(digits)) if digits else (1, text))
-    return parts
-
-
-def state_dict_order(model_dir: Path, keys: list[str]) -> list[str]:
-    """Keys in the order save_pretrained writes a from_pretrained-loaded model.
-
-    transformers 5 saves through `revert_weight_conversion`, which orders keys by
-    `dot_natural_key`; older releases save in the model's state-dict order (read off a meta model).
-    """
-    from importlib.metadata import version
-
-    if int(version("transformers").split(".")[0]) >= 5:
-        return sorted(keys, key=_dot_natural_key)
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModel
-
-        with torch.device("meta"):
-            order = list(AutoModel.from_config(AutoConfig.from_pretrained(str(model_dir))).state_dict())
-    except Exception:  # custom architectures: the files' order
-        return keys
-    known = set(keys)
-    ordered = [k for k in order if k in known]
-    seen = set(ordered)
-    return ordered + [k for k in keys if k not in seen]
-
-
-def shard_layout(keys: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """save_pretrained's greedy split (huggingface_hub.split_state_dict_into_shards_factory)."""
-    shards: list[list[str]] = []
-    cur: list[str] = []
-    cur_size = 0
-    for k in keys:
-        n = sizes[k]
-        if n > max_bytes:
-            shards.append([k])
-            continue
-        if cur_size + n > max_bytes and cur:
-            shards.append(cur)
-            cur, cur_size = [], 0
-        cur.append(k)
-        cur_size += n
-    if cur:
-        shards.append(cur)
-    return shards
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return [WEIGHTS_NAME]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
-
 def stream_merge(
     base_dir: Path,
     plan: MergePlan,
@@ -339,7 +275,7 @@ def stream_merge(
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    from .safeio import DTYPES
+    from ..safeio import DTYPES
 
     return getattr(torch, DTYPES[name][0])
 
@@ -349,7 +285,7 @@ def peft_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_bytes
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModel
 
-    from .safeio import without_mmap_on_enodev
+    from ..safeio import without_mmap_on_enodev
 
     model = without_mmap_on_enodev(
         lambda: AutoModel.from_pretrained(str(base_dir)),

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import CHECKPOINTS_DIR
+from finetune_api.contract import CHECKPOINTS_DIR
 
 CURVE_FILE = "training_curve.png"
 _NOT_METRICS = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "step")
@@ -96,3 +97,15 @@ def draw_training_curve(history: list[dict[str, Any]], out: Path, title: str) ->
     fig.savefig(out, format="png")
     plt.close(fig)
     return {"lossPoints": len(steps), "evalMetrics": metrics}
+
+
+def draw_curves(history: list[dict[str, Any]], dirs: list[Path], title: str) -> dict[str, Any] | None:
+    """The curve as a PNG in each of `dirs` (drawn once, copied to the others); what it shows with its
+    file name, or None when the history holds no loss to draw."""
+    first = dirs[0] / CURVE_FILE
+    shown = draw_training_curve(history, first, title)
+    if shown is None:
+        return None
+    for d in dirs[1:]:
+        shutil.copyfile(first, d / CURVE_FILE)
+    return {**shown, "file": CURVE_FILE}

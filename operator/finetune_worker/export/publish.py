@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import EXPORT_DIR, EXPORT_METADATA, STAGING_PREFIX
+from finetune_api.contract import EXPORT_DIR, EXPORT_METADATA, STAGING_PREFIX
 
 from ..atomic import replace_dir, restore_aside
 

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import EXPORT_METADATA
-from finetune_operator.remote import DOCKER_CONFIG_ENV, OCI_SCHEME, OciRef, parse_oci_ref
+from finetune_api.contract import EXPORT_METADATA
+from finetune_api.remote import DOCKER_CONFIG_ENV, OCI_SCHEME, OciRef, parse_oci_ref
 
 from ..errors import InvalidInput, Preempted, TransientError
 from ..summary import emit

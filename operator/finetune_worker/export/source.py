@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import CHECKPOINTS_DIR, FINAL_DIR
-from finetune_operator.spec import FineTuneSpec
+from finetune_api.contract import CHECKPOINTS_DIR, FINAL_DIR
+from finetune_api.spec import FineTuneSpec
 
 from ..errors import InvalidInput
 from .formats import read_modules, transformer_dir
-from .merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_NAME, WEIGHTS_NAME
+from .merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .shards import INDEX_NAME, WEIGHTS_NAME
 
 
 @dataclass

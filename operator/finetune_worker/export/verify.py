@@ -13,13 +13,15 @@ Every format is reloaded the way users load it: `SentenceTransformer(dir)`,
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.spec import FineTuneSpec
+from finetune_api.spec import FineTuneSpec
 
-from .safeio import load_file, without_mmap_on_enodev
+from ..errors import InvalidAdapter, VerificationFailed
+from ..safeio import load_file, without_mmap_on_enodev
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +37,6 @@ PROBES = (
     "and asks whether the subscription plan can be downgraded without losing anything.",
 )
 LOW_PRECISION_MIN_COSINE = 0.999
-
-
-class VerificationFailed(RuntimeError):
-    """The export does not behave like the model it was made from."""
-
-
-class InvalidAdapter(VerificationFailed):
-    """The adapter itself is unusable: it changes nothing, or its weights do not fit the base.
-    Permanent (exit 2): every retry would find the same."""
 
 
 def load_st(path: Path, spec: FineTuneSpec) -> Any:
@@ -142,32 +135,13 @@ def verify_export(
     reference_hf: the HF weights the export must reproduce (the base for LoRA, the trained
     model for a full fine-tune); adapter_dir: the adapter applied on top of it (LoRA only).
     """
-    import gc
-
     tol = spec.export.tolerance
     st = load_st(st_dir, spec)  # the export as users load it
     e_merged = _encode(st)
     tokenizer = st.tokenizer
     h_merged = _hidden(st[0].model, tokenizer)
-    # The same pipeline (pooling, normalize) over the reference weights; one model in memory at a time.
-    st[0].model = None
-    gc.collect()
-    st[0].model = load_hf(reference_hf, spec)
     report: dict[str, Any] = {"probes": len(PROBES), "tolerance": tol, "lowPrecision": low_precision}
-    if adapter_dir is not None:
-        e_base = _encode(st)
-        attach_adapter(st[0].model, adapter_dir)
-        e_ref = _encode(st)
-        _no_effect_check(e_ref, e_base, tol)
-        base_dev, _ = _compare(e_merged, e_base)
-        report["baseDeviation"] = base_dev
-        if base_dev <= tol:
-            raise VerificationFailed(
-                f"the merged model embeds exactly like the base model (max |Δ| {base_dev:.3g} ≤ {tol:g}) "
-                "although the adapter changes it: the merge wrote the base weights"
-            )
-    else:
-        e_ref = _encode(st)
+    e_ref = _reference_embeddings(st, spec, reference_hf, adapter_dir, e_merged, report)
     del st
     gc.collect()
     dev, cos = _compare(e_merged, e_ref)
@@ -178,7 +152,45 @@ def verify_export(
         raise VerificationFailed(
             f"merged model deviates from {what}: max |Δ| {dev:.3g}, min cosine {cos:.6f} (need {want})"
         )
-    for label, d in (("sentence-transformers dir", st_dir), ("huggingface dir", hf_dir)):
+    _check_automodel_reloads(
+        (("sentence-transformers dir", st_dir), ("huggingface dir", hf_dir)), spec, tokenizer, h_merged, low_precision
+    )
+    report["reloaded"] = ["SentenceTransformer", "AutoModel"] + (["peft"] if adapter_dir is not None else [])
+    return report
+
+
+def _reference_embeddings(
+    st: Any, spec: FineTuneSpec, reference_hf: Path, adapter_dir: Path | None, e_merged: Any, report: dict[str, Any]
+) -> Any:
+    """The probes' embeddings through the export's own pipeline (pooling, normalize) over the reference
+    weights, with the adapter applied by peft for LoRA; one model in memory at a time. For LoRA, also
+    checks that the adapter changes the base and that the merge did not simply write the base weights."""
+    st[0].model = None
+    gc.collect()
+    st[0].model = load_hf(reference_hf, spec)
+    if adapter_dir is None:
+        return _encode(st)
+    tol = spec.export.tolerance
+    e_base = _encode(st)
+    attach_adapter(st[0].model, adapter_dir)
+    e_ref = _encode(st)
+    _no_effect_check(e_ref, e_base, tol)
+    base_dev, _ = _compare(e_merged, e_base)
+    report["baseDeviation"] = base_dev
+    if base_dev <= tol:
+        raise VerificationFailed(
+            f"the merged model embeds exactly like the base model (max |Δ| {base_dev:.3g} ≤ {tol:g}) "
+            "although the adapter changes it: the merge wrote the base weights"
+        )
+    return e_ref
+
+
+def _check_automodel_reloads(
+    dirs: tuple[tuple[str, Path | None], ...], spec: FineTuneSpec, tokenizer: Any, h_merged: Any, low_precision: bool
+) -> None:
+    """transformers.AutoModel on each exported dir must give the export's own hidden states."""
+    tol = spec.export.tolerance
+    for label, d in dirs:
         if d is None:
             continue
         hf = load_hf(d, spec)
@@ -189,8 +201,6 @@ def verify_export(
             raise VerificationFailed(
                 f"transformers.AutoModel on the {label} disagrees with the export: max |Δ| {hdev:.3g}"
             )
-    report["reloaded"] = ["SentenceTransformer", "AutoModel"] + (["peft"] if adapter_dir is not None else [])
-    return report
 
 
 def verify_adapter_only(base_model: Path, adapter_dir: Path, spec: FineTuneSpec) -> dict[str, Any]:
