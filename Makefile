@@ -14,14 +14,14 @@ help: ## Show this help
 	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z0-9_.-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 ##@ Development
-dev: $(VENV)/.installed ## Create .venv: CPU torch 2.13.0 first, then the project with [worker,dev]
+dev: $(VENV)/.installed ## Create .venv: CPU torch 2.13.0 first, then the project with [operator,worker,dev]
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first, so no dependency pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[worker,dev]'
+	$(PY) -m pip install -q -e '.[operator,worker,dev]'
 	touch $@
 
 demo: dev ## Run the LoRA sample end to end on this machine, no cluster (the embedded default)
@@ -53,9 +53,44 @@ bench: dev ## Benchmarks: ratios against baselines measured in the same run
 	for b in bench/bench_*.py; do echo "== $$b"; HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
 
 ##@ Build and deploy
-images: ## Build the operator and worker images (needs Docker)
-	docker build -t $(IMG_OPERATOR) -f images/operator/Dockerfile .
-	docker build -t $(IMG_WORKER) -f images/worker/Dockerfile .
+# What `make images` builds from (README: "Building images on a restricted site"): the defaults are
+# the Dockerfiles' own, and a site that cannot reach them changes these variables, nothing else:
+#   make base-image && make images PYTHON_IMAGE=finetune-base:dev TORCH_WHEEL_DIR=/srv/wheels
+# Base of both images: Debian with python 3.11 and useradd (`make base-image` builds one).
+PYTHON_IMAGE ?= python:3.11.11-slim-bookworm
+# The package index (empty: PyPI) and another one.
+PIP_INDEX_URL ?=
+PIP_EXTRA_INDEX_URL ?=
+# A PEM file of CA certificates pip trusts while building (a TLS-inspecting proxy, a private index).
+EXTRA_CA_CERTS ?=
+# The worker's torch: a build of PyTorch's index (cpu, cu126, cu128, ...), or another index...
+TORCH_VARIANT ?= cpu
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/$(TORCH_VARIANT)
+# ...or a directory whose torch-*.whl the worker installs instead (its other wheels are preferred too).
+TORCH_WHEEL_DIR ?=
+# More `docker build` flags, e.g. --build-arg HTTPS_PROXY --no-cache.
+DOCKER_BUILD_FLAGS ?=
+IMAGE_BUILD_ENV = PYTHON_IMAGE='$(PYTHON_IMAGE)' PIP_INDEX_URL='$(PIP_INDEX_URL)' \
+	PIP_EXTRA_INDEX_URL='$(PIP_EXTRA_INDEX_URL)' EXTRA_CA_CERTS='$(EXTRA_CA_CERTS)' \
+	TORCH_VARIANT='$(TORCH_VARIANT)' TORCH_INDEX_URL='$(TORCH_INDEX_URL)' TORCH_WHEEL_DIR='$(TORCH_WHEEL_DIR)' \
+	DOCKER_BUILD_FLAGS='$(DOCKER_BUILD_FLAGS)'
+# `make base-image`: the tag, the Debian mirrors (DEBIAN_SECURITY_MIRROR empty: no security suite)
+# and the CA certificates added to Debian's own (only those it lacks; empty: none).
+BASE_IMAGE ?= finetune-base:dev
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+DEBIAN_SECURITY_MIRROR ?= http://deb.debian.org/debian-security
+BASE_CA_CERTS ?= /etc/ssl/certs/ca-certificates.crt
+
+images: ## Build the operator and worker images (needs Docker; PYTHON_IMAGE, PIP_INDEX_URL, EXTRA_CA_CERTS, TORCH_WHEEL_DIR...)
+	$(IMAGE_BUILD_ENV) bash images/build.sh operator $(IMG_OPERATOR)
+	$(IMAGE_BUILD_ENV) bash images/build.sh worker $(IMG_WORKER)
+
+base-image: ## Build finetune-base:dev (python 3.11) from Debian packages alone (root, mmdebstrap): no registry needed
+	BASE_IMAGE='$(BASE_IMAGE)' DEBIAN_MIRROR='$(DEBIAN_MIRROR)' DEBIAN_SECURITY_MIRROR='$(DEBIAN_SECURITY_MIRROR)' \
+	  BASE_CA_CERTS='$(BASE_CA_CERTS)' bash images/base/build.sh
+
+test-images: dev ## Container tests of the built images through the Docker CLI (after make images; 1.5-3 min)
+	IMG_OPERATOR='$(IMG_OPERATOR)' IMG_WORKER='$(IMG_WORKER)' bash scripts/pytest.sh tests/images -m images $(PYTEST_ARGS)
 
 install.yaml: ## Render dist/install.yaml (CRD, RBAC, operator) with kustomize
 	bash scripts/render-install.sh
@@ -69,4 +104,4 @@ undeploy: ## Remove the operator (FineTuneJobs and their PVCs with reclaimPolicy
 e2e-kind: ## The kind e2e (needs Docker and kind; says why and skips where missing)
 	bash tests/e2e/run-kind.sh
 
-.PHONY: help dev demo test test-quick test-realapi bench-apiserver lint bench images install.yaml deploy undeploy e2e-kind
+.PHONY: help dev demo test test-quick test-realapi bench-apiserver lint bench images base-image test-images install.yaml deploy undeploy e2e-kind

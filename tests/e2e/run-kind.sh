@@ -9,6 +9,7 @@
 #   KIND_CLUSTER=finetune-e2e   cluster name (an existing one is reused)
 #   KEEP_CLUSTER=1              keep the cluster afterwards (default: delete it if this run created it)
 #   SKIP_BUILD=1                use finetune-operator:dev / finetune-worker:dev already built
+#   PYTHON_IMAGE, TORCH_WHEEL_DIR, ...   make images' variables (README: restricted sites)
 #   E2E_MAX_STEPS=200           training steps (long enough to interrupt the run twice)
 #   E2E_TIMEOUT=900             seconds for the whole job to succeed
 set -euo pipefail
@@ -96,8 +97,8 @@ fi
 
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   log "building $IMG_OPERATOR and $IMG_WORKER"
-  docker build -t "$IMG_OPERATOR" -f images/operator/Dockerfile .
-  docker build -t "$IMG_WORKER" -f images/worker/Dockerfile .
+  # make images: a restricted site's variables (PYTHON_IMAGE, TORCH_WHEEL_DIR, ...) apply from the environment
+  make images IMG_OPERATOR="$IMG_OPERATOR" IMG_WORKER="$IMG_WORKER"
 fi
 kind load docker-image "$IMG_OPERATOR" "$IMG_WORKER" --name "$CLUSTER"
 
