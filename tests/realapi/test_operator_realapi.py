@@ -267,8 +267,9 @@ def test_suspend_is_acted_on_during_a_pod_log_outage(env: Env, operator: Callabl
                           "progress marked stale")  # fmt: skip
         assert st["phase"] == "Training" and "progress stale" in st["message"], st
         env.patch_job("outage", {"spec": {"suspend": True}})
-        st = env.wait_for(lambda: (s := env.status("outage")).get("phase") == "Suspended" and s, 30,
-                          "suspended despite the log outage")  # fmt: skip
+        # Suspended (reason Suspending) comes as the pod is deleted; the attempt's result once it has ended
+        st = env.wait_for(lambda: (s := env.status("outage")).get("phase") == "Suspended"
+                          and s["attempts"][0].get("result") and s, 30, "suspended despite the log outage")  # fmt: skip
         assert st["attempts"][0]["result"] == "preempted"
     finally:
         env.kubelet.logs_available = True
