@@ -27,8 +27,12 @@ $(VENV)/.installed: pyproject.toml
 demo: dev ## Run the LoRA sample end to end on this machine, no cluster (the embedded default)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/finetune-operator local $(SAMPLE) --workdir runs/demo
 
-test: dev ## Run every test tier (the e2e tier skips without Docker and kind)
-	bash scripts/pytest.sh $(PYTEST_ARGS)
+# `make test` runs in TEST_PROCESSES processes (pytest-xdist; 1: one process, as plain pytest). Tests
+# that share an expensive session fixture carry an xdist_group, so --dist loadgroup computes it once.
+TEST_PROCESSES ?= 2
+
+test: dev ## Run every test tier, in TEST_PROCESSES=2 processes (the e2e tier skips without Docker and kind)
+	bash scripts/pytest.sh $(if $(filter-out 1,$(TEST_PROCESSES)),-n $(TEST_PROCESSES) --dist loadgroup) $(PYTEST_ARGS)
 
 test-quick: dev ## Unit tests only (seconds)
 	bash scripts/pytest.sh tests/unit

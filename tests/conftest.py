@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +43,24 @@ def tiny_model(_tiny_model_master: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "tiny-bert"
     shutil.copytree(_tiny_model_master, dst)
     return dst
+
+
+# -- the chaos summary ----------------------------------------------------------------------------
+# Printed from here, the one conftest every process loads: in one process the chaos tests fill
+# chaosledger.LEDGER themselves; under pytest-xdist the controller (which does not collect, so
+# may not load tests/chaos/conftest.py) merges the ledgers its workers hand over (workeroutput).
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    raw = getattr(node, "workeroutput", {}).get("chaos_ledger")
+    if raw:
+        from chaosledger import LEDGER
+
+        LEDGER.merge(json.loads(raw))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from chaosledger import LEDGER, write_summary
+
+    write_summary(terminalreporter, LEDGER)

@@ -9,40 +9,14 @@ randomized test. CHAOS_REPORT names a JSON file that receives the ledger.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-MASTER_SEED = int(os.environ.get("CHAOS_SEED", "6062026"))
-TRIALS = int(os.environ.get("CHAOS_TRIALS", "4"))
-
-
-class Ledger:
-    """What the chaos tests tried and found, across the session."""
-
-    def __init__(self) -> None:
-        self.trials: Counter[str] = Counter()
-        self.points: Counter[str] = Counter()  # kill/fault point -> times it was hit
-        self.missed: Counter[str] = Counter()  # kill points aimed at but not reached (the run ended first)
-        self.corruptions: Counter[str] = Counter()
-        self.failures: list[str] = []
-        self.runs = 0
-
-    def point(self, suite: str, name: str) -> None:
-        self.points[f"{suite}:{name}"] += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"seed": MASTER_SEED, "trialsPerTest": TRIALS, "trials": dict(self.trials), "workerRuns": self.runs,
-                "killPoints": dict(sorted(self.points.items())), "missed": dict(sorted(self.missed.items())),
-                "corruptions": dict(self.corruptions), "failures": self.failures}  # fmt: skip
-
-
-LEDGER = Ledger()
+from chaosledger import LEDGER, MASTER_SEED, TRIALS, Ledger  # noqa: F401 (tests import them from here)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,34 +24,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.chaos)
+        if "baselines" in getattr(
+            item, "fixturenames", ()
+        ):  # one process computes them (pytest-xdist --dist loadgroup)
+            item.add_marker(pytest.mark.xdist_group("chaos-baselines"))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.failed and "tests/chaos/" in report.nodeid.replace("\\", "/"):
+    if (
+        report.failed
+        and "tests/chaos/" in report.nodeid.replace("\\", "/")
+        and report.nodeid not in LEDGER.failures
+    ):
         LEDGER.failures.append(report.nodeid)
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not LEDGER.trials and not LEDGER.failures:
-        return
-    tr = terminalreporter
-    tr.section("chaos summary")
-    d = LEDGER.as_dict()
-    tr.write_line(f"master seed {MASTER_SEED} (CHAOS_SEED), {TRIALS} trials per randomized test (CHAOS_TRIALS)")
-    tr.write_line(f"trials run: {sum(LEDGER.trials.values())}  " + ", ".join(f"{k}={v}" for k, v in sorted(LEDGER.trials.items())))
-    tr.write_line(f"worker processes started: {LEDGER.runs}")
-    tr.write_line(f"kill/fault points covered ({len(LEDGER.points)} kinds, {sum(LEDGER.points.values())} hits):")
-    for name, n in sorted(LEDGER.points.items()):
-        tr.write_line(f"  {name:<44} {n}")
-    if LEDGER.missed:
-        tr.write_line("aimed at but not reached (the run finished first): "
-                      + ", ".join(f"{k}={v}" for k, v in sorted(LEDGER.missed.items())))
-    if LEDGER.corruptions:
-        tr.write_line("checkpoints corrupted on purpose: " + ", ".join(f"{k}={v}" for k, v in sorted(LEDGER.corruptions.items())))
-    tr.write_line(f"failures found: {len(LEDGER.failures)}" + (": " + ", ".join(LEDGER.failures) if LEDGER.failures else ""))
-    report = os.environ.get("CHAOS_REPORT")
-    if report:
-        Path(report).write_text(json.dumps(d, indent=2))
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist the trials run in worker processes: each hands its ledger to the
+    controller, where tests/conftest.py merges them and prints the summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["chaos_ledger"] = json.dumps(LEDGER.as_dict())
 
 
 @pytest.fixture
@@ -133,7 +100,9 @@ def baselines(chaos_model: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 @pytest.fixture(scope="session")
-def export_baseline(baselines: dict[bool, Baseline], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def export_baseline(
+    baselines: dict[bool, Baseline], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
     """An uninterrupted export of the LoRA training result: (workspace, merged weights)."""
     from workerkit import Worker, export_fault, export_weights
 
