@@ -226,6 +226,9 @@ def test_suspend_stops_the_pod_gracefully_then_resume_continues_from_the_checkpo
     st = j["status"]
     assert st["reason"] == "Suspended" and get_condition(st, "Suspended")["status"] == "True"
     assert st["preemptions"] == 0 and plan.create == [] and "checkpoint-25" in st["message"]
+    assert "Suspended" in reasons(plan)  # the stop is done: an Event says so, not only the Suspending one
+    j, plan = step(j, [stopped])
+    assert "Suspended" not in reasons(plan)  # once
     j["spec"]["suspend"] = False
     j, plan = step(j, [stopped])
     assert (

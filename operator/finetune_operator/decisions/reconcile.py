@@ -163,8 +163,10 @@ def _suspend(p: Pass, live: list[PodObservation]) -> Plan:
                 f"stopping {', '.join(pod.name for pod in live)}; the worker checkpoints before it exits")  # fmt: skip
         p.plan.requeue_after = p.settings.progress_interval
     else:
+        # announce: Suspending -> Suspended stays in the phase, and `kubectl describe` should say the stop is done
         p.phase(S.PHASE_SUSPENDED, S.REASON_SUSPENDED,
-                f"suspended; resumes from {ckpt} when spec.suspend is false" if ckpt else "suspended before any checkpoint")  # fmt: skip
+                f"suspended; resumes from {ckpt} when spec.suspend is false" if ckpt else "suspended before any checkpoint",
+                announce=True)  # fmt: skip
     return p.finish()
 
 
