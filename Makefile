@@ -45,6 +45,14 @@ bench-apiserver: dev ## The operator's cost to a real API server (needs KUBEBUIL
 	@test -n "$$KUBEBUILDER_ASSETS" || { echo "KUBEBUILDER_ASSETS is not set (see make test-realapi)" >&2; exit 2; }
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_apiserver.py
 
+test-node: dev ## Tier 4 on a real node (root; KUBEBUILDER_ASSETS, FINETUNE_NODE_PAUSE, FINETUNE_NODE_IMAGES; README), ~6 min
+	@test -n "$$KUBEBUILDER_ASSETS$$FINETUNE_E2E_CONTEXT" || { echo "KUBEBUILDER_ASSETS is not set: point it at a directory with kube-apiserver, etcd, kube-controller-manager, kube-scheduler, kubelet and kube-proxy (or set FINETUNE_E2E_CONTEXT to a cluster's context); see README, Development and tests" >&2; exit 2; }
+	bash scripts/pytest.sh tests/node -m node $(PYTEST_ARGS)
+
+bench-node: dev ## The LoRA sample on a real node / finetune-operator local; SIGTERM-to-exit; steps lost (as test-node)
+	@test -n "$$KUBEBUILDER_ASSETS$$FINETUNE_E2E_CONTEXT" || { echo "KUBEBUILDER_ASSETS is not set (see make test-node)" >&2; exit 2; }
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_node.py
+
 chaos: dev ## Chaos suite alone: CHAOS_TRIALS=N CHAOS_SEED=S make chaos (ledger in chaos.json)
 	CHAOS_REPORT=$${CHAOS_REPORT:-chaos.json} bash scripts/pytest.sh tests/chaos -m chaos $(PYTEST_ARGS)
 
@@ -108,4 +116,4 @@ undeploy: ## Remove the operator (FineTuneJobs and their PVCs with reclaimPolicy
 e2e-kind: ## The kind e2e (needs Docker and kind; says why and skips where missing)
 	bash tests/e2e/run-kind.sh
 
-.PHONY: help dev demo test test-quick test-realapi bench-apiserver lint bench images base-image test-images install.yaml deploy undeploy e2e-kind
+.PHONY: help dev demo test test-quick test-realapi bench-apiserver test-node bench-node lint bench images base-image test-images install.yaml deploy undeploy e2e-kind

@@ -112,8 +112,8 @@ def test_a_broken_overlay_fails_instead_of_skipping(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # a cluster, two image builds and a training run
 def test_kind_e2e() -> None:
-    """Create a kind cluster, build and load images, run the LoRA sample through an interruption and a
-    suspend to Succeeded. Skipped, with the script's reason, where Docker, kind or kubectl is missing."""
+    """Create a kind cluster, build and load images, run tier 4's scenarios (tests/node) on it.
+    Skipped, with the script's reason, where Docker, kind or kubectl is missing."""
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     res = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=3600)
     skipped = [ln for ln in res.stdout.splitlines() if ln.startswith("SKIPPED: ")]
@@ -123,13 +123,18 @@ def test_kind_e2e() -> None:
     assert "PASSED: kind e2e" in res.stdout
 
 
-def test_the_script_can_lengthen_the_lora_sample() -> None:
-    """run-kind.sh rewrites the sample's `    maxSteps:` line; the sample must have exactly one, under training."""
+def test_the_script_runs_tier_4s_suite_with_the_lengthened_sample() -> None:
+    """run-kind.sh hands its cluster to tests/node (one scenario suite, several clusters), which runs
+    the LoRA sample with maxSteps raised and nothing else changed."""
+    sys.path.insert(0, str(ROOT / "tests" / "node"))
     import yaml
+    from kube import SAMPLE, sample_job
 
-    sample = ROOT / "manifests" / "samples" / "finetune_v1alpha1_finetunejob_lora.yaml"
-    text = sample.read_text()
-    assert sum(ln.startswith("    maxSteps: ") for ln in text.splitlines()) == 1
-    edited = "\n".join("    maxSteps: 200" if ln.startswith("    maxSteps: ") else ln for ln in text.splitlines())
-    assert yaml.safe_load(edited)["spec"]["training"]["maxSteps"] == 200
-    assert f"SAMPLE={sample.relative_to(ROOT)}" in SCRIPT.read_text()
+    text = SCRIPT.read_text()
+    assert "bash scripts/pytest.sh tests/node -m node" in text
+    assert 'FINETUNE_E2E_CONTEXT="kind-$CLUSTER"' in text and "FINETUNE_E2E_VOLUMES=" in text
+    shipped = yaml.safe_load(SAMPLE.read_text())
+    longer = sample_job(200)
+    assert longer["spec"]["training"].pop("maxSteps") == 200
+    shipped["spec"]["training"].pop("maxSteps")
+    assert longer == shipped
