@@ -48,7 +48,7 @@ if _REALAPI not in sys.path:
     sys.path.insert(0, _REALAPI)
 
 import nodehost  # noqa: E402
-from controlplane import ApiError, ControlPlane, Proc, free_port, sign_certificate, wait_for  # noqa: E402
+from controlplane import ApiError, ControlPlane, Proc, free_port, sign_certificate, terminate, wait_for  # noqa: E402
 
 NODE = "finetune-node"
 BRIDGE = "ftnode0"
@@ -456,12 +456,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """Stop one daemon (SIGTERM, as systemd would) and start it again with the same arguments.
         containerd's shims outlive it, so running containers keep running."""
         proc = next(p for p in self.procs if p.name == name)
-        proc.popen.terminate()
-        try:
-            proc.popen.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait(10)
+        terminate(proc.popen, 30)
         self.procs.remove(proc)
         time.sleep(down_seconds)
         self._daemon(name, self.argv[name])
@@ -488,13 +483,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def _stop_named(self, *names: str) -> None:
         for proc in [p for p in self.procs if p.name in names]:
-            if proc.popen.poll() is None:
-                proc.popen.terminate()
-                try:
-                    proc.popen.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.popen.kill()
-                    proc.popen.wait(5)
+            terminate(proc.popen, 20)
             self.procs.remove(proc)
 
     def _stop_control_loops(self) -> None:

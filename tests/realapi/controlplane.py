@@ -245,6 +245,18 @@ class Proc:
     log: Path
 
 
+def terminate(popen: subprocess.Popen[Any], grace: float = 15) -> None:
+    """SIGTERM, up to `grace` seconds to exit, then SIGKILL (a process already gone is left alone)."""
+    if popen.poll() is not None:
+        return
+    popen.terminate()
+    try:
+        popen.wait(grace)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(5)
+
+
 class ControlPlane:
     """etcd, kube-apiserver and (when present) kube-controller-manager on loopback (module docstring)."""
 
@@ -424,13 +436,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            if proc.popen.poll() is None:
-                proc.popen.terminate()
-                try:
-                    proc.popen.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.popen.kill()
-                    proc.popen.wait(5)
+            terminate(proc.popen)
         self.procs.clear()
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from controlplane import ApiClient, ApiError, ControlPlane, _openssl, free_port, wait_for
+from controlplane import ApiClient, ApiError, ControlPlane, _openssl, free_port, terminate, wait_for
 
 KUEUE_ENV = "KUEUE_ASSETS"
 KUEUE_API = "kueue.x-k8s.io/v1beta1"
@@ -227,13 +227,8 @@ class KueueControlPlane:
                 admin.delete("admissionregistration.k8s.io/v1", WEBHOOK_KINDS[hook["kind"]], None,
                              hook["metadata"]["name"])  # fmt: skip
         self.webhooks = []
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        if self.popen is not None:
+            terminate(self.popen)
         self.popen = None
         self.cp.stop()
 
