@@ -19,6 +19,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def fetch(url: str) -> tuple[int, str]:
+    """GET `url`: (status, body), or (0, "") while nothing answers (a server still starting)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, r.read().decode()
+    except OSError:
+        return 0, ""
 
 
 def _wait_port(port: int, timeout: float = 20) -> None:

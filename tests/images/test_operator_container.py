@@ -7,9 +7,7 @@ FineTuneJob gets its training pod."""
 
 from __future__ import annotations
 
-import socket
 import sys
-import urllib.request
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from dockerkit import LOCKED_DOWN, container, inspect, run, wait_for
+
+from remotekit import fetch, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))  # the tier-3 harness
 from harness import Cluster, finetune_job
@@ -28,20 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT = yaml.safe_load((ROOT / "manifests" / "manager" / "deployment.yaml").read_text())
 POD_SECURITY = DEPLOYMENT["spec"]["template"]["spec"]["securityContext"]
 PEERING = "finetune-operator"  # the Deployment's --peering
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status, r.read().decode()
-    except OSError:
-        return 0, ""
 
 
 @pytest.fixture
@@ -92,18 +78,18 @@ def test_with_peering_it_logs_in_serves_healthz_and_launches_a_training_pod(
     operator_image: str, cluster: Cluster, case: str
 ) -> None:
     user, env, peer_name = IDENTITIES[case]
-    live, prom = _free_port(), _free_port()
+    live, prom = free_port(), free_port()
     flags = [*LOCKED_DOWN, "--tmpfs", "/tmp", "--network", "host", "-e", f"FINETUNE_KUBE_SERVER={cluster.url}",
              *(["--user", user] if user else []), *(a for k, v in env.items() for a in ("-e", f"{k}={v}"))]  # fmt: skip
     args = ["run", "--namespace", "default", f"--peering={PEERING}", f"--liveness-port={live}", f"--metrics-port={prom}"]
     with container(operator_image, *args, flags=flags, prefix="finetune-operator-test") as op:
-        wait_for(lambda: _get(f"http://127.0.0.1:{live}/healthz")[0] == 200, 90, "the liveness endpoint", op)
+        wait_for(lambda: fetch(f"http://127.0.0.1:{live}/healthz")[0] == 200, 90, "the liveness endpoint", op)
         peers = wait_for(lambda: _peers(cluster), 30, f"a replica in ClusterKopfPeering {PEERING}", op)
         assert len(peers) == 1 and peers[0].startswith(peer_name), peers
         cluster.create(finetune_job("in-a-container", {"dataset": {"inline": [{"anchor": "q", "positive": "a"}]}}))
         pod: dict[str, Any] = wait_for(lambda: cluster.pod("in-a-container-train-1"), 60, "the training pod", op)
         assert pod["spec"]["containers"][0]["command"][:2] == ["finetune-worker", "train"]
-        metrics = wait_for(lambda: _get(f"http://127.0.0.1:{prom}/metrics")[1], 30, "the metrics endpoint", op)
+        metrics = wait_for(lambda: fetch(f"http://127.0.0.1:{prom}/metrics")[1], 30, "the metrics endpoint", op)
         assert "finetune_operator_active 1.0" in metrics
         code = op.stop(grace=30)
         log = op.logs()
