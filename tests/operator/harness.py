@@ -417,6 +417,9 @@ class OperatorRunner:
         self._stop_flag.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
+            import faulthandler
+
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)  # where it hangs, for the report
             raise TimeoutError(f"the operator did not stop within {timeout}s")
         self._thread = None
         if os.environ.get(KUBE_SERVER_ENV) == self.url:
