@@ -318,3 +318,24 @@ def test_the_cache_check_lists_each_namespace_once_per_kind_and_looks_at_touched
     assert asyncio.run(check()) == 1 and ran == [("ml", "faq")] and inf.pods("ml", "faq") == []
     assert kube.paths == [("/apis/finetune.dev/v1alpha1/namespaces/ml/finetunejobs", None),
                           ("/api/v1/namespaces/ml/pods", "finetune.dev/job")]  # fmt: skip
+
+
+def test_the_scheduler_ends_when_its_cancel_lands_as_a_job_wakes_it() -> None:
+    """At shutdown the cleanup cancels the scheduler and waits for it; a watch event that wakes it
+    in the same turn of the loop must not cost the cancel (asyncio.wait_for on 3.11 lost it, and
+    the operator never stopped: issue 21's tier-3 hang)."""
+
+    async def main() -> bool:
+        sched = Scheduler(lambda ns, name: asyncio.sleep(0))
+        sched.at(("ml", "later"), time.monotonic() + 100)
+        loop = asyncio.create_task(sched.loop())
+        await asyncio.sleep(0.01)
+        sched.at(("ml", "now"), time.monotonic() + 50)  # a wake-up...
+        loop.cancel()  # ...and the cleanup's cancel, in one turn
+        done, _ = await asyncio.wait([loop], timeout=2)
+        if not done:
+            loop.cancel()
+            await asyncio.wait([loop], timeout=1)
+        return bool(done) and loop.cancelled()
+
+    assert asyncio.run(main()), "the scheduler went on after it was cancelled"

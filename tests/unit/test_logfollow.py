@@ -130,3 +130,26 @@ async def test_stop_closes_the_stream_and_forgets_the_tail() -> None:
     assert [o for o in server.opens if o[1] == "p"] == opens, "a stopped pod's stream is not opened again"
     await follower.close()
     assert follower.following() == set() and "q" in server.closed
+
+
+async def test_close_ends_a_stream_whose_chunk_arrives_as_it_is_cancelled() -> None:
+    """A chunk delivered in the same turn of the loop as close()'s cancel must not cost the cancel
+    (asyncio.wait_for on 3.11 lost it: the stream read on, and close() waited forever)."""
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    @contextlib.asynccontextmanager
+    async def open_(namespace: str, pod: str, tail_lines: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        async def stream() -> AsyncIterator[bytes]:
+            while True:
+                yield await chunks.get()
+
+        yield stream()
+
+    follower = LogFollower(open_, retry_seconds=0.01, tail_lines=40)
+    follower.tail("ml", "p")
+    chunks.put_nowait(progress(1))
+    await settle(lambda: follower.tail("ml", "p") is not None)
+    chunks.put_nowait(progress(2))  # the next chunk...
+    closing = asyncio.ensure_future(follower.close())  # ...and the cancel, in one turn
+    done, _ = await asyncio.wait([closing], timeout=2)
+    assert done, "close() did not return: the stream went on reading after its cancel"

@@ -8,6 +8,7 @@
   logfollow   one followed log stream per running pod (live progress)
   events      Events posted off the pass's path
   metrics     Prometheus metrics
+  waiting     a wait with a deadline that a cancel always ends (not asyncio.wait_for: 3.11 loses cancels)
 
 May import: decisions, finetune_api, kopf, kubernetes_asyncio, aiohttp. Never the local runner.
 """

@@ -17,6 +17,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from finetune_operator.cluster.waiting import within
+
 log = logging.getLogger("finetune_operator")
 QUEUE_LIMIT = 10_000
 DRAIN_SECONDS = 5.0  # at shutdown: post what is queued for at most this long
@@ -58,7 +60,7 @@ class EventQueue:
         if self._task is None:
             return
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
+            await within(self._queue.join(), timeout)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import heapq
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
+from finetune_operator.cluster.waiting import wait_event
 from finetune_operator.decisions.builders import LABEL_JOB
 
 Key = tuple[str, str]  # (namespace, name)
@@ -250,8 +250,7 @@ class Scheduler:
             timeout = self._heap[0][0] - time.monotonic() if self._heap else None
             if self._paused():
                 timeout = PAUSED_RECHECK
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await wait_event(self._wake, timeout)
 
     def _done(self, key: Key) -> Callable[[asyncio.Task[Any]], None]:
         def done(_task: asyncio.Task[Any]) -> None:

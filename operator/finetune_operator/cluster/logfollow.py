@@ -27,6 +27,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
+from finetune_operator.cluster.waiting import within
+
 Key = tuple[str, str]  # (namespace, pod)
 # (namespace, pod, tailLines) -> an async context manager yielding the log's byte chunks
 Opener = Callable[[str, str, int], AbstractAsyncContextManager[AsyncIterator[bytes]]]
@@ -140,7 +142,7 @@ class LogFollower:
             iterator = chunks.__aiter__()
             while True:
                 try:
-                    chunk = await asyncio.wait_for(iterator.__anext__(), self.read_timeout)
+                    chunk = await within(iterator.__anext__(), self.read_timeout)
                 except (StopAsyncIteration, asyncio.TimeoutError):
                     break  # ended, or silent so long the connection may be half-open: open again
                 if lines.feed(chunk):
