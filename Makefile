@@ -29,11 +29,10 @@ demo: dev ## Run the LoRA sample end to end on this machine, no cluster (the emb
 
 # `make test` runs in TEST_PROCESSES processes (pytest-xdist; 1: one process, as plain pytest). Tests
 # that share an expensive session fixture carry an xdist_group, so --dist loadgroup computes it once.
-# One by default: in two, an in-process kopf operator of tier 3 once failed to stop at a test's
-# teardown (README, Development and tests); two is ~15 min instead of ~25 on 2 cores.
-TEST_PROCESSES ?= 1
+# Two on 2 cores: most of the suite's time is worker subprocesses, which two processes overlap.
+TEST_PROCESSES ?= 2
 
-test: dev ## Run every test tier (TEST_PROCESSES=2: in two processes; the e2e tier skips without Docker and kind)
+test: dev ## Run every test tier in TEST_PROCESSES=2 processes (1: one; the e2e tier skips without Docker and kind)
 	bash scripts/pytest.sh $(if $(filter-out 1,$(TEST_PROCESSES)),-n $(TEST_PROCESSES) --dist loadgroup) $(PYTEST_ARGS)
 
 test-quick: dev ## Unit tests only (seconds)

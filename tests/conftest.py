@@ -15,6 +15,13 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Several test processes share the cores: each worker subprocess they start (and torch in the
+    # test process itself) gets its share of OpenMP threads, not one per core each. Oversubscribed,
+    # two trainings of the tiny models spin-wait on each other's cores (a test's own env wins).
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,6 +50,25 @@ def tiny_model(_tiny_model_master: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "tiny-bert"
     shutil.copytree(_tiny_model_master, dst)
     return dst
+
+
+# -- the order of a run in several processes ------------------------------------------------------
+# pytest-xdist hands out tests in collection order, a few at a time, and the run lasts until the
+# busiest process is done. In path order the heaviest tiers (chaos first, worker last) leave one
+# process alone with the last long tests while the other has nothing: heaviest first, and the
+# ~900 short tests fill the gaps at the end. A stable sort, so a module's tests stay together.
+HEAVY_FIRST = ("slow", "chaos", "worker", "operator")
+
+
+@pytest.hookimpl(trylast=True)  # after tests/chaos/conftest.py has marked its tests
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the order does not change how long it takes
+
+    def weight(item: pytest.Item) -> int:
+        return next((i for i, m in enumerate(HEAVY_FIRST) if item.get_closest_marker(m)), len(HEAVY_FIRST))
+
+    items.sort(key=weight)
 
 
 # -- the chaos summary ----------------------------------------------------------------------------
