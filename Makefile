@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 SAMPLE ?= manifests/samples/finetune_v1alpha1_finetunejob_lora.yaml
 IMG_OPERATOR ?= finetune-operator:dev
 IMG_WORKER ?= finetune-worker:dev
+# The torch `make dev` installs: the CPU build (pip takes it from a local wheel where one lies).
+TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -19,9 +21,11 @@ dev: $(VENV)/.installed ## Create .venv: CPU torch 2.13.0 first, then the projec
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU torch first, so no dependency pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[operator,worker,dev]'
+	# CPU torch first, so no dependency pulls a multi-GB CUDA build; and named again beside the
+	# project, where pip's resolver (backtracking through versions of s3fs) otherwise replaced it
+	# with torch 2.14.1 and 5 GB of CUDA wheels (seen on a fresh venv; 2.13.0 satisfies the range).
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[operator,worker,dev]' $(TORCH)
 	touch $@
 
 demo: dev ## Run the LoRA sample end to end on this machine, no cluster (the embedded default)
