@@ -22,11 +22,9 @@ def rooms(paths: list[Path]) -> tuple[list[tuple[int, str]], list[tuple[int, str
         rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         modules.append((len(text.splitlines()), str(rel)))
         for node in ast.walk(ast.parse(text)):
-            span = (node.end_lineno or node.lineno) - node.lineno + 1 if hasattr(node, "lineno") else 0
-            if isinstance(node, ast.ClassDef):
-                classes.append((span, f"{rel}:{node.name}"))
-            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                functions.append((span, f"{rel}:{node.name}"))
+            if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                span = (node.end_lineno or node.lineno) - node.lineno + 1
+                (classes if isinstance(node, ast.ClassDef) else functions).append((span, f"{rel}:{node.name}"))
     return modules, classes, functions
 
 
